@@ -1,0 +1,7 @@
+"""GPU kernels for cross-domain attention and the Pareto solver, with PyTorch references."""
+from .attention import cross_domain_attention, fused_attention, triton_available
+from .reference import reference_attention
+from .sdpa import sdpa_attention
+
+__all__ = ["cross_domain_attention", "fused_attention", "reference_attention",
+           "sdpa_attention", "triton_available"]

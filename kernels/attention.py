@@ -1,0 +1,438 @@
+"""Fused Triton attention + cross-domain mass (forward and backward), the autograd Function,
+and the backend dispatch `cross_domain_attention` (DESIGN §3).
+
+Forward: one online-softmax pass; the mass is accumulated beside the row sum
+(mass_acc = mass_acc * alpha + sum_j p_ij c_ij), so it costs one FMA per score.
+Backward: with g = dL/dmass, dS = P * (dO.V^T + g c - (Delta + g mass)), so the mass adds one
+per-row scalar to the usual preprocess and one FMA per score; dK/dV and dQ run as two kernels
+that recompute P (deterministic; no atomics).
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .validation import check_attention_inputs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available(device):
+    """The fused kernels run on CUDA, or anywhere under TRITON_INTERPRET=1 (tests)."""
+    return INTERPRET or device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _pair_masks(q_pos, k_pos, dom_q, dom_k, seq_len, num_bottleneck,
+                CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr):
+    """(allowed, cross) for a tile. The four position/domain arguments come pre-broadcast
+    ([M, 1] and [1, N] for a query-major tile, [1, M] and [N, 1] for a key-major one), so one
+    rule serves both. Out-of-range positions carry domain -1."""
+    allowed = (dom_q >= 0) & (q_pos < seq_len) & (dom_k >= 0) & (k_pos < seq_len)
+    if CAUSAL:
+        allowed = allowed & (k_pos <= q_pos)
+    if BOTTLENECK:
+        query_is_ib = q_pos < num_bottleneck
+        key_is_ib = k_pos < num_bottleneck
+        allowed = allowed & (query_is_ib | key_is_ib | (dom_q == dom_k))
+        cross = key_is_ib & (q_pos >= num_bottleneck)
+    else:
+        cross = dom_q != dom_k
+    return allowed, cross
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, DOM, SEQ_LENS, OUT, LSE, MASS,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_db,
+    num_heads, length, head_dim, num_bottleneck, scale_log2,
+    CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    seq_len = tl.minimum(tl.load(SEQ_LENS + b), length)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < length) & d_ok[None, :], other=0.0)
+    dom_q = tl.load(DOM + b * stride_db + offs_m, mask=offs_m < length, other=-1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    mass_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Key tiles past the valid prefix, or above the diagonal when causal, are never loaded.
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    if start_m >= seq_len:
+        hi = 0
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < length
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        dom_k = tl.load(DOM + b * stride_db + offs_n, mask=n_ok, other=-1)
+        allowed, cross = _pair_masks(offs_m[:, None], offs_n[None, :], dom_q[:, None],
+                                    dom_k[None, :], seq_len, num_bottleneck, CAUSAL, BOTTLENECK)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        mass_i = mass_i * alpha + tl.sum(tl.where(cross, p, 0.0), axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    row_ok = offs_m < length
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    row = pid_bh * length + offs_m
+    tl.store(MASS + row, mass_i / l_safe, mask=row_ok)
+    # LSE in log2 units of the scaled scores; +inf for rows with no key makes P = 0 there.
+    tl.store(LSE + row, tl.where(has_key, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+
+
+@triton.jit
+def _backward_preprocess_kernel(
+    OUT, DOUT, MASS, DMASS, DELTA,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    num_heads, length, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """DELTA_i = rowsum(dO_i * O_i) + g_i * mass_i: the only per-row term the mass adds."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < length) & (offs_d[None, :] < head_dim)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    row = pid_bh * length + offs_m
+    row_ok = offs_m < length
+    mass = tl.load(MASS + row, mask=row_ok, other=0.0)
+    g = tl.load(DMASS + row, mask=row_ok, other=0.0)
+    tl.store(DELTA + row, tl.sum(o * do, axis=1) + g * mass, mask=row_ok)
+
+
+@triton.jit
+def _backward_dkdv_kernel(
+    Q, K, V, DOM, SEQ_LENS, DOUT, LSE, DELTA, DMASS, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_db,
+    num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
+    CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key tile per program; loops over the query tiles that can see it."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    seq_len = tl.minimum(tl.load(SEQ_LENS + b), length)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    n_ok = offs_n < length
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dom_k = tl.load(DOM + b * stride_db + offs_n, mask=n_ok, other=-1)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = 0
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # earlier queries cannot see this key tile
+    hi = seq_len
+    if start_n >= seq_len:
+        hi = 0
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < length
+        qo_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=qo_mask, other=0.0)
+        do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                     mask=qo_mask, other=0.0)
+        dom_q = tl.load(DOM + b * stride_db + offs_m, mask=m_ok, other=-1)
+        row = pid_bh * length + offs_m
+        lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+        g = tl.load(DMASS + row, mask=m_ok, other=0.0)
+        # Key-major tiles ([N, M]) so dV += P^T dO and dK += dS^T Q need no transposed tile.
+        allowed_t, cross_t = _pair_masks(offs_m[None, :], offs_n[:, None], dom_q[None, :],
+                                         dom_k[:, None], seq_len, num_bottleneck,
+                                         CAUSAL, BOTTLENECK)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t + tl.where(cross_t, g[None, :], 0.0) - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    tl.store(DK + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _backward_dq_kernel(
+    Q, K, V, DOM, SEQ_LENS, DOUT, LSE, DELTA, DMASS, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_db,
+    num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
+    CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One query tile per program; loops over the key tiles it can see."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    seq_len = tl.minimum(tl.load(SEQ_LENS + b), length)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < length
+    qo_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=qo_mask, other=0.0)
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=qo_mask, other=0.0)
+    dom_q = tl.load(DOM + b * stride_db + offs_m, mask=m_ok, other=-1)
+    row = pid_bh * length + offs_m
+    lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+    g = tl.load(DMASS + row, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    if start_m >= seq_len:
+        hi = 0
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < length
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        dom_k = tl.load(DOM + b * stride_db + offs_n, mask=n_ok, other=-1)
+        allowed, cross = _pair_masks(offs_m[:, None], offs_n[None, :], dom_q[:, None],
+                                    dom_k[None, :], seq_len, num_bottleneck, CAUSAL, BOTTLENECK)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp + tl.where(cross, g[:, None], 0.0) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qo_mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def block_config(kernel, head_dim, dtype):
+    """Tile sizes and launch settings per kernel ("forward", "dkdv", "dq"), chosen for short
+    sequences (L 50..800) and D 16..128 so that no variant spills registers on sm_80/sm_90.
+
+    kernel_flags() calls this for every launch and kernels.compile_check enumerates it, so
+    every configuration dispatch can select is compiled and inspected in CI.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    fp32 = dtype == torch.float32
+    # fp32 runs exact (IEEE) dots on the FMA units, whose operands live in registers: smaller
+    # tiles, shrinking further as D grows.
+    if kernel == "forward":  # one [M, N] score tile live, acc [M, D]
+        if fp32:
+            block_m, block_n = (32, 32) if block_d <= 32 else (16, 32)
+        else:
+            block_m, block_n = 64, 64 if block_d <= 64 else 32
+    elif kernel == "dkdv":  # dk, dv [N, D] accumulators plus s, p, dp, ds [M, N] live
+        if fp32:
+            block_m, block_n = (16, 32) if block_d <= 32 else (16, 16)
+        else:
+            block_m, block_n = 32, 64 if block_d <= 64 else 32
+    else:  # "dq": dq [M, D] plus s, p, dp, ds [M, N] live
+        if fp32:
+            block_m, block_n = (32, 16) if block_d <= 64 else (16, 16)
+        else:
+            block_m, block_n = 64, 32
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
+            "num_warps": 4, "num_stages": 2}
+
+
+def dot_precision(dtype):
+    # fp32 inputs must not silently drop to TF32: the fp32 oracle would then be 1e-3 away.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _strided_ok(t):
+    """Kernels take any batch/head/row strides but need unit stride along D and a layout
+    that torch.empty_like reproduces (the gradients are written with the input's strides)."""
+    return t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride()
+
+
+def _prepare(t):
+    return t if _strided_ok(t) else t.contiguous()
+
+
+def _bhm_strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def kernel_flags(kernel, head_dim, dtype, causal, bottleneck):
+    """The constexpr arguments and launch options of one attention kernel for one call."""
+    cfg = block_config(kernel, head_dim, dtype)
+    return dict(CAUSAL=causal, BOTTLENECK=bottleneck,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                DOT_PRECISION=dot_precision(dtype),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
+    """Launch the forward kernel; return (out, lse, mass). seq_lens is int32 [B]."""
+    batch, heads, length, head_dim = q.shape
+    flags = kernel_flags("forward", head_dim, q.dtype, causal, num_bottleneck > 0)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
+    mass = torch.empty_like(lse)
+    grid = (triton.cdiv(length, flags["BLOCK_M"]), batch * heads)
+    _forward_kernel[grid](
+        q, k, v, domains, seq_lens, out, lse, mass,
+        *_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(out),
+        domains.stride(0), heads, length, head_dim, num_bottleneck, scale * math.log2(math.e),
+        **flags)
+    return out, lse, mass
+
+
+def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
+                    causal, num_bottleneck, scale):
+    """Launch preprocess, dK/dV and dQ kernels; return (dq, dk, dv)."""
+    batch, heads, length, head_dim = q.shape
+    dkdv_flags = kernel_flags("dkdv", head_dim, q.dtype, causal, num_bottleneck > 0)
+    dq_flags = kernel_flags("dq", head_dim, q.dtype, causal, num_bottleneck > 0)
+    d_out = _prepare(d_out)
+    d_mass = d_mass.contiguous().float()
+    delta = torch.empty_like(lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rows_grid = (triton.cdiv(length, dq_flags["BLOCK_M"]), batch * heads)
+    _backward_preprocess_kernel[rows_grid](
+        out, d_out, mass, d_mass, delta, *_bhm_strides(out), *_bhm_strides(d_out),
+        heads, length, head_dim, BLOCK_M=dq_flags["BLOCK_M"], BLOCK_D=dq_flags["BLOCK_D"],
+        num_warps=dq_flags["num_warps"], num_stages=1)
+    common = (*_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(d_out),
+              domains.stride(0), heads, length, head_dim, num_bottleneck, scale,
+              scale * math.log2(math.e))
+    _backward_dkdv_kernel[(triton.cdiv(length, dkdv_flags["BLOCK_N"]), batch * heads)](
+        q, k, v, domains, seq_lens, d_out, lse, delta, d_mass, dk, dv, *common, **dkdv_flags)
+    _backward_dq_kernel[rows_grid](
+        q, k, v, domains, seq_lens, d_out, lse, delta, d_mass, dq, *common, **dq_flags)
+    return dq, dk, dv
+
+
+class CrossDomainAttentionFunction(torch.autograd.Function):
+    """Fused attention + mass; gradients flow through both outputs."""
+
+    @staticmethod
+    def forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
+        out, lse, mass = triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
+        return out, mass, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, domains, seq_lens, causal, num_bottleneck, scale = inputs
+        out, mass, lse = output
+        ctx.save_for_backward(q, k, v, domains, seq_lens, out, lse, mass)
+        ctx.causal, ctx.num_bottleneck, ctx.scale = causal, num_bottleneck, scale
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, d_out, d_mass, _d_lse):
+        q, k, v, domains, seq_lens, out, lse, mass = ctx.saved_tensors
+        dq, dk, dv = triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
+                                     ctx.causal, ctx.num_bottleneck, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
+                    scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = _prepare(q), _prepare(k), _prepare(v)
+    domains = domains.to(torch.int32).contiguous()
+    if seq_lens is None:  # one code path: "no seq_lens" is "every row is L long"
+        seq_lens = torch.full((q.shape[0],), q.shape[2], dtype=torch.int32, device=q.device)
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    out, mass, _ = CrossDomainAttentionFunction.apply(q, k, v, domains, seq_lens, causal,
+                                                      num_bottleneck, scale)
+    return out, mass
+
+
+def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
+                           scale=None, backend="auto"):
+    """Masked attention and the cross-domain attention mass (DESIGN §3).
+
+    Returns (out [B, H, L, D] in q.dtype, mass [B, H, L] float32).
+    """
+    check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "sdpa"
+    if backend == "triton" and not triton_available(q.device):
+        raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), "
+                         f"got q on {q.device}")
+    if backend == "triton":
+        fn = fused_attention
+    elif backend == "sdpa":
+        from .sdpa import sdpa_attention as fn
+    else:
+        from .reference import reference_attention as fn
+    return fn(q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
+              scale=scale)

@@ -1,0 +1,151 @@
+"""Ahead-of-time compile of every kernel variant dispatch can select, for sm_80 / sm_90,
+without a GPU: reports shared memory (from Triton's metadata) and registers / spills (from
+ptxas -v on the generated PTX). Run as `python -m kernels.compile_check --arch 80 90`.
+
+Must run without TRITON_INTERPRET (the interpreter replaces the jitted kernels).
+"""
+import argparse
+import concurrent.futures
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import attention
+
+# Opt-in shared memory per block (bytes) by compute capability.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signature(kernel, pointer_types, constexprs):
+    """Pointers get the given element types, other runtime args i32 (fp32 for the scales)."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = "*" + pointer_types[name]
+        elif "scale" in name:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def variants():
+    """Yield (name, kernel, pointer types, constexprs, num_warps, num_stages)."""
+    for dtype, head_dim in itertools.product(DTYPES, HEAD_DIMS):
+        t = TRITON_DTYPE[dtype]
+        tensors = {n: t for n in ("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ")}
+        tensors.update({n: "fp32" for n in ("LSE", "MASS", "DMASS", "DELTA")})
+        tensors.update({"DOM": "i32", "SEQ_LENS": "i32"})
+        cfg = attention.block_config("dq", head_dim, dtype)  # the preprocess uses dq's rows
+        yield (f"preprocess/{t}/d{head_dim}", attention._backward_preprocess_kernel, tensors,
+               {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}, cfg["num_warps"], 1)
+        for causal, bottleneck in itertools.product((False, True), (False, True)):
+            mode = ("causal" if causal else "bidir") + ("+ib" if bottleneck else "")
+            for label, kernel in (("forward", attention._forward_kernel),
+                                  ("dkdv", attention._backward_dkdv_kernel),
+                                  ("dq", attention._backward_dq_kernel)):
+                flags = attention.kernel_flags(label, head_dim, dtype, causal, bottleneck)
+                warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
+                yield f"{label}/{t}/d{head_dim}/{mode}", kernel, tensors, flags, warps, stages
+
+
+def ptxas_path(arch):
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # The bundled ptxas-blackwell understands the newer PTX ISA that sm_90a code needs.
+    name = "ptxas" if arch < 90 else "ptxas-blackwell"
+    path = os.path.join(base, name)
+    return path if os.path.exists(path) else os.path.join(base, "ptxas")
+
+
+def ptxas_usage(ptx, arch):
+    """Registers and spill bytes reported by ptxas -v for the compiled PTX."""
+    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={target}", src,
+                               "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
+    registers = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr))
+    return registers, spills
+
+
+def _divisibility(kernel, tensors):
+    """What Triton's runtime specialisation sees for typical inputs: 16-byte aligned pointers,
+    row/head/batch strides and head_dim multiples of 16 (D in 16, 32, 64, 128). The sequence
+    length, head count and domain-row stride are left unhinted (odd L is common)."""
+    hinted = {i for i, name in enumerate(kernel.arg_names)
+              if name in tensors or name == "head_dim"
+              or (name.startswith("stride_") and name != "stride_db")}
+    return {(i,): [["tt.divisibility", 16]] for i in sorted(hinted)}
+
+
+def compile_variant(kernel, tensors, constexprs, warps, stages, arch):
+    src = ASTSource(fn=kernel, signature=_signature(kernel, tensors, constexprs),
+                    constexprs=constexprs, attrs=_divisibility(kernel, tensors))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    registers, spills = ptxas_usage(compiled.asm["ptx"], arch)
+    return {"shared_bytes": compiled.metadata.shared, "registers": registers,
+            "spill_bytes": spills}
+
+
+def _check_one(job):
+    arch, index = job
+    name, kernel, tensors, constexprs, warps, stages = list(variants())[index]
+    row = {"arch": arch, "variant": name, "num_warps": warps, "num_stages": stages}
+    row.update(compile_variant(kernel, tensors, constexprs, warps, stages, arch))
+    row["shared_limit"] = SHARED_MEMORY_LIMIT[arch]
+    row["ok"] = row["shared_bytes"] <= row["shared_limit"] and row["spill_bytes"] == 0
+    return row
+
+
+def check(arches, name_filter="", workers=None):
+    """Compile the selected variants for each arch in a process pool; return one row each."""
+    jobs = [(arch, i) for arch in arches for i, v in enumerate(variants()) if name_filter in v[0]]
+    workers = workers or os.cpu_count() or 1
+    rows = []
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        for row in pool.map(_check_one, jobs):
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--filter", default="", help="only variants whose name contains this")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    rows = check(args.arch, args.filter)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows)} variants compiled, {len(bad)} over the shared-memory limit or spilling")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

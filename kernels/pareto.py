@@ -1,0 +1,131 @@
+"""On-device Gram matrix and Pareto solver for the balanced AutoCDSR step (DESIGN §4).
+
+Everything is tensor ops on the gradients' device: no .item(), no host branch on a value, so
+the step can be captured by torch.compile(fullgraph=True) or a CUDA graph.
+
+The ParetoMTL step needs the min-norm element of the convex hull of the two L2-normalised
+gradients and the active constraint directions r . (g_cd, g_rec). All of them lie in the plane
+spanned by the two gradients, and their hull never contains the origin unless the gradients
+are parallel, so the minimum lies on an edge: the best two-point combination over all pairs
+is exact, with no iterations. The two-point formula is the paper code's (including its
+0.999 / 0.001 clipping at the vertices), so the result matches kernels.reference.
+"""
+import itertools
+
+import torch
+
+from .reference import CURRENT_PREFERENCE, PREFERENCE_VECTORS
+
+MAX_TASK_VECTORS = 8
+
+
+def gram_matrix(grads):
+    """[T, T] Gram matrix of T gradient lists (one tensor per parameter, None = zero),
+    accumulated per parameter in float32 without concatenating the gradients."""
+    num_tasks = len(grads)
+    ref = next(g for task in grads for g in task if g is not None)
+    gram = torch.zeros(num_tasks, num_tasks, device=ref.device, dtype=torch.float32)
+    for i in range(num_tasks):
+        for j in range(i, num_tasks):
+            dots = [torch.dot(a.reshape(-1).float(), b.reshape(-1).float())
+                    for a, b in zip(grads[i], grads[j]) if a is not None and b is not None]
+            value = torch.stack(dots).sum() if dots else gram.new_zeros(())
+            gram[i, j] = value
+            gram[j, i] = value
+    return gram
+
+
+def min_norm_element_from2(v1v1, v1v2, v2v2):
+    """Tensor version of the paper code's two-point min-norm element: (c, cost)."""
+    gamma = -1.0 * ((v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2))
+    cost = v2v2 + gamma * (v1v2 - v2v2)
+    first_vertex = v1v2 >= v1v1
+    second_vertex = ~first_vertex & (v1v2 >= v2v2)
+    gamma = torch.where(first_vertex, 0.999, torch.where(second_vertex, 0.001, gamma))
+    cost = torch.where(first_vertex, v1v1, torch.where(second_vertex, v2v2, cost))
+    return gamma, cost
+
+
+def min_norm_element_exact(v1v1, v1v2, v2v2):
+    """Unclipped two-point min-norm element: c in [0, 1] and its cost."""
+    gamma = (-1.0 * ((v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2))).clamp(0.0, 1.0)
+    gamma = torch.where(torch.isnan(gamma), 1.0, gamma)  # coincident points: either vertex
+    cost = gamma * gamma * v1v1 + 2 * gamma * (1 - gamma) * v1v2 + (1 - gamma) ** 2 * v2v2
+    return gamma, cost
+
+
+def min_norm_pairwise(dps, valid):
+    """Min-norm element of the hull of the valid task vectors, when it lies on an edge.
+
+    dps: [..., n, n] Gram matrix, valid: [..., n] bool, n <= MAX_TASK_VECTORS.
+    Returns the [..., n] weights (at most two non-zero entries). With two vectors this is
+    the paper code's clipped two-point formula (its answer for two tasks); with three or
+    more, the paper code's Frank-Wolfe loop refines the clipped start to the exact minimum,
+    so the unclipped formula is used. Ties go to the first pair in (i < j) order.
+    """
+    n = dps.shape[-1]
+    if n > MAX_TASK_VECTORS:
+        raise ValueError(f"at most {MAX_TASK_VECTORS} task vectors, got {n}")
+    pairs = list(itertools.combinations(range(n), 2))
+    first = torch.tensor([i for i, _ in pairs], device=dps.device)
+    second = torch.tensor([j for _, j in pairs], device=dps.device)
+    diag = torch.diagonal(dps, dim1=-2, dim2=-1)
+    v1v1, v1v2, v2v2 = diag[..., first], dps[..., first, second], diag[..., second]
+    gamma, cost = min_norm_element_from2(v1v1, v1v2, v2v2)
+    exact_gamma, exact_cost = min_norm_element_exact(v1v1, v1v2, v2v2)
+    refine = (valid.sum(dim=-1, keepdim=True) >= 3)
+    gamma = torch.where(refine, exact_gamma, gamma)
+    cost = torch.where(refine, exact_cost, cost)
+    usable = valid[..., first] & valid[..., second] & ~torch.isnan(cost)
+    cost = torch.where(usable, cost, torch.inf)
+    best = torch.argmin(cost, dim=-1, keepdim=True)
+    gamma = torch.gather(gamma, -1, best)
+    sol = torch.zeros_like(diag)
+    sol = sol.scatter(-1, first[best], gamma).scatter_add(-1, second[best], 1 - gamma)
+    return sol
+
+
+def pareto_weights(gram, losses):
+    """(cd, rec) weights of the ParetoMTL step; gram [..., 2, 2] unnormalised, losses [..., 2]."""
+    gram = gram.double()
+    losses = losses.double()
+    norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1))
+    normalised = gram / (norms[..., :, None] * norms[..., None, :])
+    prefs = torch.tensor(PREFERENCE_VECTORS, dtype=torch.float64, device=gram.device)
+    constraints = prefs - prefs[CURRENT_PREFERENCE]                          # [3, 2]
+    unit_losses = losses / torch.linalg.vector_norm(losses, dim=-1, keepdim=True)
+    active = (unit_losses @ constraints.T) > 0                             # [..., 3]
+    rows = torch.cat([torch.eye(2, dtype=torch.float64, device=gram.device), constraints])
+    dps = rows @ normalised @ rows.T                                       # [..., 5, 5]
+    valid = torch.cat([torch.ones_like(active[..., :2]), active], dim=-1)
+    sol = min_norm_pairwise(dps, valid)
+    return sol @ rows                                                      # [..., 2]
+
+
+def pareto_lambda(gram, losses, mode="pareto"):
+    """lambda (weight of L_cd relative to L_rec) and an ok flag, both tensors on the device.
+
+    gram: [..., 2, 2] Gram matrix of the unnormalised (cd, rec) gradients; losses: [..., 2]
+    (L_cd, L_rec). Leading dimensions batch independent problems. Where the inputs are
+    degenerate (a zero gradient, parallel gradients, NaN / inf), lam = 0 and ok = False.
+    """
+    if mode == "pareto":
+        w_cd, w_rec = pareto_weights(gram, losses).unbind(-1)
+        lam = w_cd / w_rec
+    elif mode == "mgda":
+        gram = gram.double()
+        g_cc, g_rc, g_rr = gram[..., 0, 0], gram[..., 1, 0], gram[..., 1, 1]
+        alpha = ((g_cc - g_rc) / (g_rr + g_cc - 2 * g_rc)).clamp(0.0, 1.0)
+        lam = (1 - alpha) / alpha
+    else:
+        raise ValueError(f"mode must be 'pareto' or 'mgda', got {mode!r}")
+    ok = torch.isfinite(lam)
+    lam = torch.where(ok, lam, 0.0).to(torch.float32)
+    return lam, ok
+
+
+def gradient_cosine(gram):
+    """Cosine of the two gradients from their Gram matrix (NaN-free: 0 where undefined)."""
+    denom = torch.sqrt(gram[..., 0, 0] * gram[..., 1, 1])
+    cos = gram[..., 0, 1] / denom
+    return torch.where(torch.isfinite(cos), cos, 0.0)
