@@ -293,21 +293,22 @@ def block_config(kernel, head_dim, dtype):
     # tiles, shrinking further as D grows.
     if kernel == "forward":  # one [M, N] score tile live, acc [M, D]
         if fp32:
-            block_m, block_n = (32, 32) if block_d <= 32 else (16, 32)
+            block_m, block_n = (32, 32) if block_d <= 32 else (16, 16)
         else:
             block_m, block_n = 64, 64 if block_d <= 64 else 32
     elif kernel == "dkdv":  # dk, dv [N, D] accumulators plus s, p, dp, ds [M, N] live
         if fp32:
-            block_m, block_n = (16, 32) if block_d <= 32 else (16, 16)
+            block_m, block_n = 16, 16
         else:
-            block_m, block_n = 32, 64 if block_d <= 64 else 32
+            block_m, block_n = 32, 64 if block_d <= 32 else 32
     else:  # "dq": dq [M, D] plus s, p, dp, ds [M, N] live
         if fp32:
-            block_m, block_n = (32, 16) if block_d <= 64 else (16, 16)
+            block_m, block_n = (32, 16) if block_d <= 32 else (16, 16)
         else:
             block_m, block_n = 64, 32
+    # fp32 tiles are tiny and register-bound: no software pipelining for them.
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-            "num_warps": 4, "num_stages": 2}
+            "num_warps": 4, "num_stages": 1 if fp32 else 2}
 
 
 def dot_precision(dtype):

@@ -10,6 +10,7 @@ are parallel, so the minimum lies on an edge: the best two-point combination ove
 is exact, with no iterations. The two-point formula is the paper code's (including its
 0.999 / 0.001 clipping at the vertices), so the result matches kernels.reference.
 """
+import functools
 import itertools
 
 import torch
@@ -33,6 +34,24 @@ def gram_matrix(grads):
             gram[i, j] = value
             gram[j, i] = value
     return gram
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_indices(n, device):
+    """Index tensors of all pairs i < j, built once per device: a host-to-device copy in
+    every step would be a synchronisation point."""
+    pairs = list(itertools.combinations(range(n), 2))
+    return (torch.tensor([i for i, _ in pairs], device=device),
+            torch.tensor([j for _, j in pairs], device=device))
+
+
+@functools.lru_cache(maxsize=None)
+def _constraint_rows(device):
+    """([3, 2] constraint directions p_j - p_current, [5, 2] task-vector rows), cached."""
+    prefs = torch.tensor(PREFERENCE_VECTORS, dtype=torch.float64, device=device)
+    constraints = prefs - prefs[CURRENT_PREFERENCE]
+    rows = torch.cat([torch.eye(2, dtype=torch.float64, device=device), constraints])
+    return constraints, rows
 
 
 def min_norm_element_from2(v1v1, v1v2, v2v2):
@@ -66,9 +85,7 @@ def min_norm_pairwise(dps, valid):
     n = dps.shape[-1]
     if n > MAX_TASK_VECTORS:
         raise ValueError(f"at most {MAX_TASK_VECTORS} task vectors, got {n}")
-    pairs = list(itertools.combinations(range(n), 2))
-    first = torch.tensor([i for i, _ in pairs], device=dps.device)
-    second = torch.tensor([j for _, j in pairs], device=dps.device)
+    first, second = _pair_indices(n, dps.device)
     diag = torch.diagonal(dps, dim1=-2, dim2=-1)
     v1v1, v1v2, v2v2 = diag[..., first], dps[..., first, second], diag[..., second]
     gamma, cost = min_norm_element_from2(v1v1, v1v2, v2v2)
@@ -91,11 +108,9 @@ def pareto_weights(gram, losses):
     losses = losses.double()
     norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1))
     normalised = gram / (norms[..., :, None] * norms[..., None, :])
-    prefs = torch.tensor(PREFERENCE_VECTORS, dtype=torch.float64, device=gram.device)
-    constraints = prefs - prefs[CURRENT_PREFERENCE]                          # [3, 2]
+    constraints, rows = _constraint_rows(gram.device)                      # [3, 2], [5, 2]
     unit_losses = losses / torch.linalg.vector_norm(losses, dim=-1, keepdim=True)
     active = (unit_losses @ constraints.T) > 0                             # [..., 3]
-    rows = torch.cat([torch.eye(2, dtype=torch.float64, device=gram.device), constraints])
     dps = rows @ normalised @ rows.T                                       # [..., 5, 5]
     valid = torch.cat([torch.ones_like(active[..., :2]), active], dim=-1)
     sol = min_norm_pairwise(dps, valid)
@@ -119,7 +134,8 @@ def pareto_lambda(gram, losses, mode="pareto"):
         lam = (1 - alpha) / alpha
     else:
         raise ValueError(f"mode must be 'pareto' or 'mgda', got {mode!r}")
-    ok = torch.isfinite(lam)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    ok = torch.isfinite(lam) & (diag > 0).all(dim=-1)  # a zero gradient: no balancing
     lam = torch.where(ok, lam, 0.0).to(torch.float32)
     return lam, ok
 

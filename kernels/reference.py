@@ -136,6 +136,6 @@ def pareto_lambda(gram, losses, mode="pareto"):
             raise ValueError(f"mode must be 'pareto' or 'mgda', got {mode!r}")
     except (ZeroDivisionError, FloatingPointError):
         return 0.0, False
-    if not math.isfinite(lam):
-        return 0.0, False
+    if not math.isfinite(lam) or not (gram[0][0] > 0 and gram[1][1] > 0):
+        return 0.0, False  # a zero (or non-finite) gradient: no balancing this step
     return lam, True

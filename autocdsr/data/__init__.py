@@ -1,0 +1,1 @@
+"""Data: RecBole atomic readers, splits, the synthetic default, batching."""

@@ -1,0 +1,77 @@
+"""Batching: truncation to max_len (most recent events), right padding with seq_lens,
+SASRec next-item targets and BERT4Rec cloze masking. Domain id -1 marks padding; the
+[MASK] token carries its own domain id (num_domains), so the hidden item's domain does not
+leak either."""
+import numpy as np
+import torch
+
+from .dataset import PAD
+
+
+def _pad_rows(seqs, rows, length, take_last):
+    """[B, length] items and domains (right-padded), and lengths, of the last `take_last`
+    events of each row."""
+    batch = len(rows)
+    items = np.full((batch, length), PAD, dtype=np.int64)
+    domains = np.full((batch, length), -1, dtype=np.int64)
+    lengths = np.zeros(batch, dtype=np.int64)
+    for b, r in enumerate(rows):
+        it, dom = seqs.row(r)
+        it, dom = it[-take_last:], dom[-take_last:]
+        n = len(it)
+        items[b, :n], domains[b, :n], lengths[b] = it, dom, n
+    return items, domains, lengths
+
+
+def sasrec_train_batch(seqs, rows, max_len):
+    """Inputs = events[:-1], targets = events[1:] over the last max_len + 1 events."""
+    items, domains, lengths = _pad_rows(seqs, rows, max_len + 1, max_len + 1)
+    inputs, input_domains = items[:, :-1].copy(), domains[:, :-1].copy()
+    targets = items[:, 1:].copy()
+    lengths = np.maximum(lengths - 1, 0)
+    # The position past each row's end is not an input: blank it.
+    for b, n in enumerate(lengths):
+        inputs[b, n:], input_domains[b, n:] = PAD, -1
+        targets[b, n:] = PAD
+    return _tensors(inputs, input_domains, lengths, targets)
+
+
+def bert4rec_train_batch(seqs, rows, max_len, mask_id, mask_domain, mask_prob, rng):
+    """Cloze: each real position is masked with probability mask_prob (at least one per
+    row); targets are the hidden items at masked positions, PAD elsewhere."""
+    items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len)
+    real = items != PAD
+    masked = (rng.random(items.shape) < mask_prob) & real
+    for b, n in enumerate(lengths):
+        if n and not masked[b].any():
+            masked[b, rng.integers(n)] = True
+    targets = np.where(masked, items, PAD)
+    items = np.where(masked, mask_id, items)
+    domains = np.where(masked, mask_domain, domains)
+    return _tensors(items, domains, lengths, targets)
+
+
+def eval_batch(seqs, rows, max_len, arch, mask_id, mask_domain):
+    """Histories for scoring. SASRec reads the last max_len events and predicts from the last
+    position; BERT4Rec appends [MASK] after the last max_len - 1 events and predicts there."""
+    if arch == "sasrec":
+        items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len)
+    else:
+        items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len - 1)
+        b = np.arange(len(rows))
+        items[b, lengths], domains[b, lengths] = mask_id, mask_domain
+        lengths = lengths + 1
+    targets = seqs.targets[rows]
+    batch = _tensors(items, domains, lengths, targets)
+    batch["target_domains"] = torch.from_numpy(seqs.target_domains[rows])
+    batch["rows"] = torch.from_numpy(np.asarray(rows))
+    return batch
+
+
+def _tensors(items, domains, lengths, targets):
+    return {"items": torch.from_numpy(items), "domains": torch.from_numpy(domains),
+            "seq_lens": torch.from_numpy(lengths), "targets": torch.from_numpy(targets)}
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

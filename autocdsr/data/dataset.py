@@ -1,0 +1,194 @@
+"""From interactions to model-ready sequences: dense vocabularies, stable (user, timestamp)
+order, leave-one-out or predefined-file splits, per-domain item pools and popularity."""
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .reader import DataError, read_inter
+
+log = logging.getLogger(__name__)
+
+PAD = 0  # item id 0 is padding; items are 1..num_items; num_items + 1 is [MASK]
+
+
+@dataclass
+class Sequences:
+    """Variable-length sequences in CSR form: row r is items[offsets[r]:offsets[r+1]]."""
+    offsets: np.ndarray
+    items: np.ndarray
+    domains: np.ndarray
+    targets: np.ndarray = None         # next-item targets for evaluation rows (else None)
+    target_domains: np.ndarray = None
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def row(self, r):
+        lo, hi = self.offsets[r], self.offsets[r + 1]
+        return self.items[lo:hi], self.domains[lo:hi]
+
+
+@dataclass
+class SequenceData:
+    name: str
+    item_tokens: np.ndarray     # dense item id - 1 -> original token
+    domain_tokens: np.ndarray   # dense domain id -> original token (int)
+    train: Sequences
+    valid: Sequences
+    test: Sequences
+    popularity: np.ndarray      # [num_items + 2] training counts (for the MostPop baseline)
+    domain_items: list          # per dense domain: sorted item ids seen in that domain
+    dropped_users: int = 0
+
+    @property
+    def num_items(self):
+        return len(self.item_tokens)
+
+    @property
+    def num_domains(self):
+        return len(self.domain_tokens)
+
+    @property
+    def mask_id(self):
+        return self.num_items + 1
+
+    def summary(self):
+        return (f"{self.name}: {self.num_items} items, {self.num_domains} domains "
+                f"({', '.join(str(t) for t in self.domain_tokens)}), {len(self.train)} train "
+                f"sequences ({len(self.train.items)} events), {len(self.valid)} valid / "
+                f"{len(self.test)} test targets, {self.dropped_users} users dropped "
+                f"(too few events)")
+
+
+def _csr_by_user(user_codes, order):
+    """Offsets of each user's run in `order` (events sorted by user)."""
+    sorted_users = user_codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    return np.r_[starts, len(order)]
+
+
+def _encode(frames):
+    """Dense codes for users (per frame), items and domains across all frames."""
+    items = pa.chunked_array([c for f in frames for c in f["item"].chunks]).dictionary_encode()
+    item_codes = np.concatenate([c.indices.to_numpy() for c in items.chunks]).astype(np.int64) + 1
+    item_tokens = np.asarray(items.chunks[0].dictionary.to_pylist() if items.num_chunks else [],
+                             dtype=object)
+    domains = np.concatenate([f["domain"] for f in frames])
+    domain_tokens, domain_codes = np.unique(domains, return_inverse=True)
+    return item_codes, item_tokens, domain_codes.astype(np.int64), domain_tokens
+
+
+def _user_codes(frame):
+    users = frame["user"].dictionary_encode()
+    return np.concatenate([c.indices.to_numpy() for c in users.chunks]).astype(np.int64)
+
+
+def _sequences(user_codes, timestamps, items, domains, min_events):
+    """Group events by user in (user, timestamp) order, stable for ties. Returns the CSR
+    sequences of users with >= min_events events and the number of users dropped."""
+    order = np.lexsort((timestamps, user_codes))  # lexsort is stable: ties keep file order
+    offsets = _csr_by_user(user_codes, order)
+    lengths = np.diff(offsets)
+    keep = lengths >= min_events
+    kept_rows = np.flatnonzero(keep)
+    idx = np.concatenate([order[offsets[r]:offsets[r + 1]] for r in kept_rows]) \
+        if len(kept_rows) else np.zeros(0, np.int64)
+    new_offsets = np.r_[0, np.cumsum(lengths[keep])]
+    return Sequences(new_offsets, items[idx], domains[idx]), int((~keep).sum())
+
+
+def _split_last(seqs, drop):
+    """Evaluation rows: history = all but the last `drop` events + ..., target = the event
+    at position -drop. drop=1: target is the last event."""
+    lengths = np.diff(seqs.offsets)
+    target_pos = seqs.offsets[1:] - drop
+    hist_len = lengths - drop
+    keep_idx = np.concatenate([np.arange(lo, lo + n) for lo, n in zip(seqs.offsets[:-1], hist_len)]) \
+        if len(hist_len) else np.zeros(0, np.int64)
+    return Sequences(np.r_[0, np.cumsum(hist_len)], seqs.items[keep_idx], seqs.domains[keep_idx],
+                     seqs.items[target_pos], seqs.domains[target_pos])
+
+
+def _truncate_tail(seqs, drop):
+    """Sequences without their last `drop` events (the training part of leave-one-out)."""
+    lengths = np.diff(seqs.offsets) - drop
+    keep_idx = np.concatenate([np.arange(lo, lo + n) for lo, n in zip(seqs.offsets[:-1], lengths)]) \
+        if len(lengths) else np.zeros(0, np.int64)
+    return Sequences(np.r_[0, np.cumsum(lengths)], seqs.items[keep_idx], seqs.domains[keep_idx])
+
+
+def _finish(name, item_tokens, domain_tokens, train, valid, test, dropped):
+    num_items = len(item_tokens)
+    popularity = np.bincount(train.items, minlength=num_items + 2).astype(np.float64)
+    all_items = np.concatenate([train.items, valid.items, valid.targets, test.items, test.targets])
+    all_domains = np.concatenate([train.domains, valid.domains, valid.target_domains,
+                                  test.domains, test.target_domains])
+    domain_items = [np.unique(all_items[all_domains == d]) for d in range(len(domain_tokens))]
+    data = SequenceData(name, item_tokens, domain_tokens, train, valid, test, popularity,
+                        domain_items, dropped)
+    log.info(data.summary())
+    return data
+
+
+def build_leave_one_out(frame, name="data"):
+    """Train on all but the last two events, validate on the second-to-last, test on the last.
+    Users with fewer than 3 events are dropped (counted)."""
+    item_codes, item_tokens, domain_codes, domain_tokens = _encode([frame])
+    seqs, dropped = _sequences(_user_codes(frame), frame["timestamp"], item_codes, domain_codes,
+                               min_events=3)
+    if len(seqs) == 0:
+        raise DataError(f"{name}: no user has the 3 events leave-one-out needs")
+    train = _truncate_tail(seqs, 2)
+    valid = _split_last(_truncate_tail(seqs, 1), 1)
+    test = _split_last(seqs, 1)
+    return _finish(name, item_tokens, domain_tokens, train, valid, test, dropped)
+
+
+def build_predefined(frames, name="data"):
+    """frames = (train, valid, test) as read; split by user as in the KuaiRand files."""
+    item_codes, item_tokens, domain_codes, domain_tokens = _encode(frames)
+    bounds = np.cumsum([0] + [len(f["domain"]) for f in frames])
+    parts, dropped = [], 0
+    for k, frame in enumerate(frames):
+        sl = slice(bounds[k], bounds[k + 1])
+        seqs, n_drop = _sequences(_user_codes(frame), frame["timestamp"], item_codes[sl],
+                                  domain_codes[sl], min_events=2)
+        dropped += n_drop
+        parts.append(seqs)
+    train, valid, test = parts[0], _split_last(parts[1], 1), _split_last(parts[2], 1)
+    for label, part in (("train", train), ("valid", valid), ("test", test)):
+        if len(part) == 0:
+            raise DataError(f"{name}: the {label} file has no user with at least 2 events")
+    return _finish(name, item_tokens, domain_tokens, train, valid, test, dropped)
+
+
+def split_files(folder, name):
+    """The RecBole benchmark_filename convention: NAME.{train,valid,test}.inter[.gz]."""
+    paths = []
+    for part in ("train", "valid", "test"):
+        candidates = [os.path.join(folder, f"{name}.{part}.inter{ext}") for ext in ("", ".gz")]
+        found = [p for p in candidates if os.path.isfile(p)]
+        if not found:
+            raise DataError(f"{folder}: missing {name}.{part}.inter (or .gz) for data.split=files")
+        paths.append(found[0])
+    return paths
+
+
+def load_dataset(path, name="", split="loo"):
+    """Load a folder (predefined split files, or one NAME.inter for leave-one-out) or a file."""
+    if os.path.isdir(path):
+        name = name or os.path.basename(os.path.normpath(path))
+        if split == "files":
+            return build_predefined([read_inter(p) for p in split_files(path, name)], name)
+        candidates = [os.path.join(path, f"{name}.inter{ext}") for ext in ("", ".gz")]
+        found = [p for p in candidates if os.path.isfile(p)]
+        if not found:
+            raise DataError(f"{path}: no {name}.inter for data.split=loo (use data.split=files "
+                            f"for NAME.train/valid/test.inter files)")
+        path = found[0]
+    if split == "files":
+        raise DataError(f"{path}: data.split=files needs a folder with NAME.{{train,valid,test}}.inter")
+    return build_leave_one_out(read_inter(path), name or os.path.basename(path).split(".")[0])

@@ -1,0 +1,105 @@
+"""Evaluation: the target's rank under a protocol, metrics overall and per target domain.
+
+Protocols
+  full           every item is a candidate (batched on the device)
+  uni100_vocab   the target and 100 uniform negatives from the whole vocabulary
+                 (the AutoCDSR code's protocol)
+  uni999_domain  the target and 999 negatives from the items of the target's domain,
+                 excluding the user's history
+Negatives are drawn from a generator seeded by the run seed, so a protocol is repeatable.
+The rank counts candidates with a strictly higher score, plus half the ties.
+"""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data.batches import eval_batch, to_device
+from .metrics import metrics_by_domain
+
+PROTOCOL_TEXT = {
+    "full": "full ranking over all items",
+    "uni100_vocab": "target + 100 uniform negatives from the vocabulary",
+    "uni999_domain": "target + 999 negatives from the target's domain, history excluded",
+}
+
+
+def _rank(scores, target_scores):
+    higher = (scores > target_scores[:, None]).sum(dim=1).float()
+    ties = (scores == target_scores[:, None]).sum(dim=1).float() - 1.0
+    return higher + 0.5 * ties.clamp(min=0)
+
+
+def sample_negatives(protocol, data, split, rows, rng):
+    """[B, n] negative item ids for the sampled protocols."""
+    targets = split.targets[rows]
+    if protocol == "uni100_vocab":
+        negatives = rng.integers(1, data.num_items + 1, size=(len(rows), 100))
+        while True:  # redraw collisions with the target
+            clash = negatives == targets[:, None]
+            if not clash.any():
+                return negatives
+            negatives[clash] = rng.integers(1, data.num_items + 1, size=int(clash.sum()))
+    out = np.zeros((len(rows), 999), dtype=np.int64)
+    for b, r in enumerate(rows):
+        pool = data.domain_items[split.target_domains[r]]
+        seen = np.union1d(split.row(r)[0], [targets[b]])
+        allowed = np.setdiff1d(pool, seen, assume_unique=False)
+        if len(allowed) == 0:
+            allowed = np.setdiff1d(np.arange(1, data.num_items + 1), seen)
+        out[b] = rng.choice(allowed, size=999, replace=len(allowed) < 999)
+    return out
+
+
+@torch.no_grad()
+def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
+                 desc="eval"):
+    """score_fn(batch) -> [B, num_items + 1] scores (column 0 = padding). Returns ranks."""
+    rng = np.random.default_rng(seed)
+    ranks = []
+    for lo in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, mininterval=1.0, disable=None):
+        rows = np.arange(lo, min(lo + batch_size, len(split)))
+        batch = to_device(eval_batch(split, rows, max_len, arch, data.mask_id, data.num_domains),
+                          device)
+        scores = score_fn(batch).float()
+        target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
+        if protocol == "full":
+            scores[:, 0] = -torch.inf  # padding is never a candidate
+            rank = _rank(scores, target_scores)
+        else:
+            negatives = torch.from_numpy(sample_negatives(protocol, data, split, rows, rng)).to(device)
+            rank = _rank(scores.gather(1, negatives), target_scores)
+        ranks.append(rank.cpu().numpy())
+    return np.concatenate(ranks) if ranks else np.zeros(0)
+
+
+def model_scorer(model, amp_dtype=None):
+    def score(batch):
+        with torch.autocast(batch["items"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            hidden, _ = model(batch["items"], batch["domains"], batch["seq_lens"])
+            states = model.prediction_states(hidden, batch["seq_lens"])
+            return states.float() @ model.item_weights().float().T
+    return score
+
+
+def popularity_scorer(popularity, device):
+    table = torch.as_tensor(popularity[: len(popularity) - 1], dtype=torch.float32, device=device)
+    return lambda batch: table.repeat(batch["items"].shape[0], 1)
+
+
+def evaluate_split(score_fn, data, split, cfg, device, desc="eval"):
+    """Metrics of one split under cfg.eval.protocol (negatives seeded by cfg.train.seed)."""
+    ranks = target_ranks(score_fn, data, split, cfg.eval.protocol, cfg.eval.batch_size, device,
+                         cfg.train.seed, cfg.data.max_len, cfg.model.arch, desc)
+    ks = list(cfg.eval.ks)
+    return metrics_by_domain(ranks, split.target_domains, data.domain_tokens, ks)
+
+
+def format_table(title, protocol, result, ks):
+    """Text table of one split's metrics, with the protocol on top."""
+    k_show = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
+    lines = [f"{title}  [protocol: {protocol} = {PROTOCOL_TEXT[protocol]}]",
+             f"{'domain':>10} {'n':>6} " + " ".join(f"{m:>8}" for m in k_show)]
+    rows = [("overall", result["overall"])] + sorted(result["per_domain"].items())
+    for name, row in rows:
+        lines.append(f"{name:>10} {row['count']:>6} " + " ".join(f"{row[m]:8.4f}" for m in k_show))
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Ranking metrics from the 0-based rank of the single target (0 = ranked first)."""
+import numpy as np
+
+
+def hit_rate(ranks, k):
+    return float(np.mean(ranks < k)) if len(ranks) else 0.0
+
+
+def ndcg(ranks, k):
+    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0))) if len(ranks) else 0.0
+
+
+def mrr(ranks):
+    return float(np.mean(1.0 / (ranks + 1.0))) if len(ranks) else 0.0
+
+
+def metric_table(ranks, ks):
+    table = {}
+    for k in ks:
+        table[f"HR@{k}"] = hit_rate(ranks, k)
+        table[f"NDCG@{k}"] = ndcg(ranks, k)
+    table["MRR"] = mrr(ranks)
+    return table
+
+
+def metrics_by_domain(ranks, target_domains, domain_tokens, ks):
+    """{"overall": {...}, "per_domain": {token: {..., "count": n}}}."""
+    per_domain = {}
+    for d, token in enumerate(domain_tokens):
+        sel = target_domains == d
+        if sel.any():
+            per_domain[str(token)] = dict(metric_table(ranks[sel], ks), count=int(sel.sum()))
+    return {"overall": dict(metric_table(ranks, ks), count=int(len(ranks))),
+            "per_domain": per_domain}

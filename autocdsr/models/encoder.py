@@ -1,0 +1,89 @@
+"""A pre-norm transformer encoder whose attention goes through kernels.cross_domain_attention
+and returns, per layer, the cross-domain attention mass [B, H, L] next to the hidden states."""
+import torch
+from torch import nn
+
+import kernels
+
+
+class CrossDomainSelfAttention(nn.Module):
+    def __init__(self, hidden, heads, dropout, backend):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, domains, seq_lens, causal, num_bottleneck):
+        batch, length, hidden = x.shape
+        # [B, L, 3, H, D] -> three [B, H, L, D] views (the kernels take these strides as is)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out, mass = kernels.cross_domain_attention(
+            q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
+            backend=self.backend)
+        out = out.transpose(1, 2).reshape(batch, length, hidden)
+        return self.dropout(self.proj(out)), mass
+
+
+class Block(nn.Module):
+    def __init__(self, hidden, heads, dropout, backend):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden)
+        self.attn = CrossDomainSelfAttention(hidden, heads, dropout, backend)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.ffn = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(),
+                                 nn.Linear(4 * hidden, hidden), nn.Dropout(dropout))
+
+    def forward(self, x, domains, seq_lens, causal, num_bottleneck):
+        attended, mass = self.attn(self.norm1(x), domains, seq_lens, causal, num_bottleneck)
+        x = x + attended
+        return x + self.ffn(self.norm2(x)), mass
+
+
+class Encoder(nn.Module):
+    """Item + learned position embeddings, `layers` pre-norm blocks, a final LayerNorm.
+
+    AutoCDSR+ (num_bottleneck > 0): learned IB tokens are prepended; the first
+    `bottleneck_layers` blocks run in bottleneck mode (ordinary tokens see their own domain
+    and the IB tokens), then the IB positions are dropped and the rest attend fully.
+    """
+
+    def __init__(self, num_embeddings, max_len, hidden, heads, layers, dropout, backend,
+                 num_bottleneck=0, bottleneck_layers=0, bottleneck_domain=0):
+        super().__init__()
+        self.item_embedding = nn.Embedding(num_embeddings, hidden, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, hidden)
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, backend) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.num_bottleneck = num_bottleneck
+        self.bottleneck_layers = bottleneck_layers if num_bottleneck else 0
+        self.bottleneck_domain = bottleneck_domain
+        if num_bottleneck:
+            self.bottleneck_embedding = nn.Parameter(torch.randn(num_bottleneck, hidden) * 0.02)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def forward(self, items, domains, seq_lens, causal):
+        """Returns hidden [B, L, hidden] and the list of per-layer masses [B, H, L(+nb)]."""
+        batch, length = items.shape
+        positions = torch.arange(length, device=items.device)
+        x = self.item_embedding(items) + self.position_embedding(positions)[None]
+        nb = self.num_bottleneck
+        if nb:
+            x = torch.cat([self.bottleneck_embedding.expand(batch, nb, -1).to(x.dtype), x], dim=1)
+            ib_domains = torch.full((batch, nb), self.bottleneck_domain, dtype=domains.dtype,
+                                    device=domains.device)
+            domains = torch.cat([ib_domains, domains], dim=1)
+            seq_lens = seq_lens + nb
+        x = self.dropout(x)
+        masses = []
+        for index, block in enumerate(self.blocks):
+            if nb and index == self.bottleneck_layers:
+                x, domains, seq_lens = x[:, nb:], domains[:, nb:], seq_lens - nb
+                nb = 0
+            x, mass = block(x, domains, seq_lens, causal, nb)
+            masses.append(mass)
+        if nb:  # every layer was a bottleneck layer
+            x = x[:, nb:]
+        return self.norm(x), masses

@@ -1,0 +1,312 @@
+"""Training: one loop for every objective, with progress bars, early stopping, a run
+directory (config.yaml, metrics.json, best.pt, last.pt, train.log) and exact resume."""
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from .checkpoint import load_safe, save_atomic, write_text_atomic
+from .config import to_yaml
+from .data.batches import bert4rec_train_batch, sasrec_train_batch, to_device
+from .data.dataset import load_dataset, build_leave_one_out
+from .data.synthetic import generate
+from .evaluate import evaluate_split, format_table, model_scorer, popularity_scorer
+from .losses import recommendation_loss
+from .models import Recommender
+from .objectives import BalancedStep, cross_domain_loss
+
+log = logging.getLogger("autocdsr")
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg):
+    if not cfg.data.path:
+        return build_leave_one_out(generate(cfg.data.synthetic_users, seed=cfg.train.seed),
+                                   "synthetic")
+    return load_dataset(cfg.data.path, cfg.data.name, cfg.data.split)
+
+
+def build_model(cfg, data):
+    return Recommender(
+        cfg.model.arch, data.num_items, data.num_domains, cfg.data.max_len,
+        hidden=cfg.model.hidden, heads=cfg.model.heads, layers=cfg.model.layers,
+        dropout=cfg.model.dropout, backend=cfg.attention.backend,
+        bottleneck_tokens=cfg.model.bottleneck_tokens if cfg.objective == "autocdsr_plus" else 0,
+        bottleneck_layers=cfg.model.bottleneck_layers)
+
+
+def environment_record():
+    """Package versions and the git commit, stored with every run for reproducibility."""
+    record = {"python": platform.python_version(), "torch": torch.__version__,
+              "numpy": np.__version__}
+    try:
+        import triton
+        record["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        record["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here,
+                                              capture_output=True, text=True,
+                                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        record["git_commit"] = None
+    return record
+
+
+class Trainer:
+    def __init__(self, cfg, data=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        seed_everything(cfg.train.seed)
+        t0 = time.perf_counter()
+        self.data = data if data is not None else load_data(cfg)
+        self.load_seconds = time.perf_counter() - t0
+        if len(self.data.train) < 1:
+            raise ValueError("no training sequences")
+        self.model = build_model(cfg, self.data).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.train.batch_size)
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        total = self.steps_per_epoch * cfg.train.epochs
+        warmup = min(cfg.train.warmup_steps, max(1, total // 10))
+        # linear warmup, then linear decay to 10% of the peak learning rate
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min((s + 1) / warmup,
+                                          max(0.1, 1 - 0.9 * (s - warmup) / max(1, total - warmup))))
+        mode = cfg.weighting.mode if cfg.objective != "base" else "none"
+        self.balanced = BalancedStep(self.model, mode, cfg.weighting.lam, cfg.weighting.every,
+                                     cfg.weighting.shared)
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
+        self.history, self.pending = [], []
+        self.bad_steps_in_row, self.skipped_steps = 0, 0
+        self.epoch_sums = self._zero_sums()
+
+    # ------------------------------------------------------------------ state
+    def _zero_sums(self):
+        return {"loss": 0.0, "cd": 0.0, "lam": 0.0, "cos": 0.0, "n": 0, "seconds": 0.0}
+
+    def state(self):
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "balanced": self.balanced.state_dict(),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+            "history": json.dumps(self.history), "epoch_sums": json.dumps(self.epoch_sums),
+            "skipped_steps": self.skipped_steps,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": to_yaml(self.cfg),
+        }
+
+    def load_state(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.balanced.load_state_dict(state["balanced"])
+        for key in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch",
+                    "bad_epochs", "skipped_steps"):
+            setattr(self, key, state[key])
+        self.history = json.loads(state["history"])
+        self.epoch_sums = json.loads(state["epoch_sums"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # ------------------------------------------------------------------ steps
+    def _batch(self, rows, epoch, index):
+        cfg, data = self.cfg, self.data
+        if cfg.model.arch == "sasrec":
+            batch = sasrec_train_batch(data.train, rows, cfg.data.max_len)
+        else:
+            rng = np.random.default_rng([cfg.train.seed, epoch, index])  # resumable masking
+            batch = bert4rec_train_batch(data.train, rows, cfg.data.max_len, data.mask_id,
+                                         self.model.mask_domain, cfg.data.mask_prob, rng)
+        return to_device(batch, self.device)
+
+    def _losses(self, batch):
+        cfg = self.cfg
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            hidden, masses = self.model(batch["items"], batch["domains"], batch["seq_lens"])
+            loss_rec = recommendation_loss(cfg.train.loss, hidden, self.model.item_weights(),
+                                           batch["targets"], cfg.train.num_negatives)
+        loss_cd = cross_domain_loss([m.float() for m in masses], self.model.mass_layers(),
+                                    batch["domains"])
+        return loss_rec.float(), loss_cd
+
+    def train_step(self, batch):
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_rec, loss_cd = self._losses(batch)
+        use_cd = self.cfg.objective != "base"
+        lam = self.balanced.backward(loss_rec, loss_cd if use_cd else None)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        finite = torch.isfinite(norm) & torch.isfinite(loss_rec)
+        # One host read per step, to skip non-finite updates before they reach the weights.
+        if not bool(finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+            log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
+                        self.global_step, self.bad_steps_in_row)
+            if self.bad_steps_in_row >= self.cfg.train.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_steps_in_row} non-finite steps in a row: stopping; the last good "
+                    f"checkpoint is {os.path.join(self.cfg.run_dir, 'last.pt')}")
+            return
+        self.bad_steps_in_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.pending.append(torch.stack([loss_rec.detach(), loss_cd.detach(), lam.float(),
+                                         self.balanced.cosine.float()]))
+
+    def _flush(self):
+        """Copy the queued per-step scalars to the host in one transfer."""
+        if not self.pending:
+            return None
+        values = torch.stack(self.pending).cpu().numpy()
+        self.pending = []
+        sums = self.epoch_sums
+        sums["loss"] += float(values[:, 0].sum())
+        sums["cd"] += float(values[:, 1].sum())
+        sums["lam"] += float(values[:, 2].sum())
+        sums["cos"] += float(values[:, 3].sum())
+        sums["n"] += len(values)
+        return values[-1]
+
+    # ------------------------------------------------------------------ loop
+    def save(self, name):
+        save_atomic(self.state(), os.path.join(self.cfg.run_dir, name))
+
+    def evaluate(self, split, desc):
+        self.model.eval()
+        return evaluate_split(model_scorer(self.model, self.amp_dtype), self.data, split,
+                              self.cfg, self.device, desc)
+
+    def fit(self):
+        cfg = self.cfg
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        write_text_atomic(to_yaml(cfg), os.path.join(cfg.run_dir, "config.yaml"))
+        write_text_atomic(json.dumps(environment_record(), indent=1),
+                          os.path.join(cfg.run_dir, "environment.json"))
+        log.info("%s | load %.1fs | device %s | %d steps/epoch", self.data.summary(),
+                 self.load_seconds, self.device, self.steps_per_epoch)
+        metric = cfg.eval.metric
+        while self.epoch < cfg.train.epochs and self.bad_epochs < cfg.train.patience:
+            order = np.random.default_rng([cfg.train.seed, self.epoch]).permutation(len(self.data.train))
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                       desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", leave=False,
+                       mininterval=1.0, disable=None)
+            t_start = time.perf_counter()
+            while self.step_in_epoch < self.steps_per_epoch:
+                index = self.step_in_epoch
+                rows = order[index * cfg.train.batch_size:(index + 1) * cfg.train.batch_size]
+                self.train_step(self._batch(rows, self.epoch, index))
+                self.step_in_epoch += 1
+                self.global_step += 1
+                bar.update(1)
+                if len(self.pending) >= cfg.weighting.log_every:
+                    last = self._flush()
+                    bar.set_postfix(loss=f"{last[0]:.3f}", cd=f"{last[1]:.3f}", lam=f"{last[2]:+.3f}")
+                if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
+                    self._flush()
+                    self.epoch_sums["seconds"] += time.perf_counter() - t_start
+                    t_start = time.perf_counter()
+                    self.save("last.pt")
+            bar.close()
+            self._flush()
+            self.epoch_sums["seconds"] += time.perf_counter() - t_start
+            valid = self.evaluate(self.data.valid, "valid")
+            sums, n = self.epoch_sums, max(1, self.epoch_sums["n"])
+            entry = {"epoch": self.epoch + 1, "train_loss": sums["loss"] / n, "cd_mass": sums["cd"] / n,
+                     "lambda": sums["lam"] / n, "cosine": sums["cos"] / n,
+                     "seconds": sums["seconds"], "steps": sums["n"],
+                     "seconds_per_step": sums["seconds"] / n,
+                     "valid": {metric: valid["overall"][metric]},
+                     "fallbacks": int(self.balanced.fallbacks), "skipped_steps": self.skipped_steps}
+            self.history.append(entry)
+            log.info("epoch %d | loss %.4f | L_cd %.4f | lambda %+.4f | cos %+.3f | %.1fs "
+                     "(%.1f ms/step) | valid %s %.4f", entry["epoch"], entry["train_loss"],
+                     entry["cd_mass"], entry["lambda"], entry["cosine"], entry["seconds"],
+                     1000 * entry["seconds_per_step"], metric, valid["overall"][metric])
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.epoch_sums = self._zero_sums()
+            if valid["overall"][metric] > self.best_metric:
+                self.best_metric, self.best_epoch, self.bad_epochs = valid["overall"][metric], self.epoch, 0
+                self.save("best.pt")
+            else:
+                self.bad_epochs += 1
+            self.save("last.pt")
+        return self.finish()
+
+    def finish(self):
+        cfg = self.cfg
+        best = load_safe(os.path.join(cfg.run_dir, "best.pt"), map_location=self.device)
+        self.model.load_state_dict(best["model"])
+        valid = self.evaluate(self.data.valid, "valid")
+        test = self.evaluate(self.data.test, "test")
+        popular = evaluate_split(popularity_scorer(self.data.popularity, self.device), self.data,
+                                 self.data.test, cfg, self.device, "mostpop")
+        ks = list(cfg.eval.ks)
+        for title, result in (("valid", valid), ("test", test), ("test, MostPop baseline", popular)):
+            log.info("\n%s", format_table(f"{self.data.name} {cfg.model.arch} {cfg.objective} | {title}",
+                                           cfg.eval.protocol, result, ks))
+        metrics = {"protocol": cfg.eval.protocol, "seed": cfg.train.seed,
+                   "dataset": self.data.name, "arch": cfg.model.arch, "objective": cfg.objective,
+                   "weighting": cfg.weighting.mode, "loss": cfg.train.loss,
+                   "max_len": cfg.data.max_len, "device": str(self.device),
+                   "load_seconds": self.load_seconds, "best_epoch": self.best_epoch,
+                   "valid": valid, "test": test, "baseline_mostpop_test": popular,
+                   "history": self.history}
+        write_text_atomic(json.dumps(metrics, indent=1), os.path.join(cfg.run_dir, "metrics.json"))
+        return metrics
+
+
+def setup_logging(run_dir):
+    os.makedirs(run_dir, exist_ok=True)
+    root = logging.getLogger("autocdsr")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(run_dir, "train.log"))):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    logging.getLogger("autocdsr.data.dataset").setLevel(logging.WARNING)
+
+
+def train(cfg, resume_state=None, data=None):
+    setup_logging(cfg.run_dir)
+    trainer = Trainer(cfg, data)
+    if resume_state is not None:
+        trainer.load_state(resume_state)
+        log.info("resumed at epoch %d, step %d", trainer.epoch + 1, trainer.step_in_epoch)
+    return trainer.fit()

@@ -1,0 +1,247 @@
+"""Attention + cross-domain mass, forward and forward+backward, provider against provider
+in one run. Reports median and 20/80 percentiles (ms), GB/s against the minimum bytes moved,
+peak memory, and each provider's time as a ratio to the fused Triton kernels.
+
+    python -m bench.bench_attention --device cuda --out bench/results/DIR
+    python -m bench.bench_attention --device cpu --quick     # dry run on a CPU
+
+Providers: triton (fused), sdpa_mass (SDPA with one-hot domain columns), flex (FlexAttention,
+two compiled calls returning the LSE, mass = exp(LSE_cross - LSE_all)), reference
+(materialised P), sdpa_plain (SDPA without the mass: the speed without the objective).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.masks import padding_mask
+
+HEADLINE_SHAPES = [(256, 2, 200, 32), (64, 2, 800, 32), (128, 4, 50, 16), (32, 8, 800, 64)]
+QUICK_SHAPES = [(4, 2, 50, 16), (2, 2, 120, 32)]
+MODES = {"causal": (True, 0), "bidir": (False, 0), "bottleneck": (False, 4)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def make_case(shape, dtype, device, seed=0):
+    batch, heads, length, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen).to(device, dtype)
+               for _ in range(3))
+    domains = torch.randint(0, 4, (batch, length), generator=gen)
+    seq_lens = torch.randint(length // 2, length + 1, (batch,), generator=gen)
+    seq_lens[0] = length
+    positions = torch.arange(length)
+    domains = torch.where(positions[None] < seq_lens[:, None], domains, -1)
+    return q, k, v, domains.to(device), seq_lens.to(device)
+
+
+def sdpa_plain(q, k, v, domains, *, causal, num_bottleneck, seq_lens, scale=None):
+    """Attention without mass: what a user gets by dropping the objective."""
+    if causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+    keys = padding_mask(domains, seq_lens)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keys), None
+
+
+def flex_provider():
+    """FlexAttention with two compiled calls; None where the installed torch lacks it."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v, domains, *, causal, num_bottleneck, seq_lens, scale=None):
+        batch, _, length, _ = q.shape
+        nb = num_bottleneck
+
+        def allowed(b, h, i, j):
+            ok = (domains[b, i] >= 0) & (domains[b, j] >= 0)
+            if causal:
+                ok = ok & (j <= i)
+            if nb:
+                ok = ok & ((i < nb) | (j < nb) | (domains[b, i] == domains[b, j]))
+            return ok
+
+        def cross(b, h, i, j):
+            c = (j < nb) & (i >= nb) if nb else domains[b, i] != domains[b, j]
+            return allowed(b, h, i, j) & c
+
+        m_all = create_block_mask(allowed, batch, None, length, length, device=q.device)
+        m_cross = create_block_mask(cross, batch, None, length, length, device=q.device)
+        out, lse = compiled(q, k, v, block_mask=m_all, return_lse=True)
+        _, lse_cross = compiled(q, k, v, block_mask=m_cross, return_lse=True)
+        mass = torch.exp(lse_cross.float() - lse.float())
+        mass = torch.where(torch.isfinite(mass), mass, 0.0)
+        return out, mass
+    return run
+
+
+def providers(device, names):
+    table = {
+        "triton": lambda *a, **kw: kernels.cross_domain_attention(*a, backend="triton", **kw),
+        "sdpa_mass": kernels.sdpa_attention,
+        "reference": kernels.reference_attention,
+        "sdpa_plain": sdpa_plain,
+    }
+    if device.type == "cuda" and "flex" in names:
+        flex = flex_provider()
+        if flex is not None:
+            table["flex"] = flex
+    if not kernels.triton_available(device):
+        table.pop("triton")
+    return {n: table[n] for n in names if n in table}
+
+
+def timer(fn, device, warmup=3, reps=20):
+    """[median, p20, p80] in ms."""
+    if device.type == "cuda":
+        import triton.testing
+        return list(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    q = statistics.quantiles(times, n=10)
+    return [statistics.median(times), q[1], q[7]]
+
+
+def min_bytes(shape, dtype, backward):
+    batch, heads, length, head_dim = shape
+    elem = torch.finfo(dtype).bits // 8
+    tensors = 4 * batch * heads * length * head_dim * elem      # q, k, v read; out written
+    rows = batch * heads * length * 4                             # mass (fp32)
+    if backward:
+        tensors *= 2                                              # dO read; dq, dk, dv written
+        rows *= 2
+    return tensors + rows + batch * length * 8
+
+
+def bench_one(fn, shape, dtype, mode, device, backward):
+    causal, nb = MODES[mode]
+    q, k, v, domains, seq_lens = make_case(shape, dtype, device)
+    kw = dict(causal=causal, num_bottleneck=nb, seq_lens=seq_lens)
+    if backward:
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+        def run():
+            out, mass = fn(q, k, v, domains, **kw)
+            loss = out.float().sum() + (mass.sum() if mass is not None else 0.0)
+            loss.backward()
+            q.grad = k.grad = v.grad = None
+    else:
+        def run():
+            with torch.no_grad():
+                fn(q, k, v, domains, **kw)
+    run()  # compile / warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    ms = timer(run, device)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    return ms, peak
+
+
+def run_suite(device, shapes, dtypes, modes, names, log=print):
+    rows = []
+    provs = providers(device, names)
+    for shape in shapes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for mode in modes:
+                for backward in (False, True):
+                    for name, fn in provs.items():
+                        if name == "sdpa_plain" and mode == "bottleneck":
+                            continue
+                        if name == "reference" and shape[2] * shape[2] * shape[0] * shape[1] > 2**31:
+                            continue  # materialised P would not fit: recorded as skipped
+                        try:
+                            ms, peak = bench_one(fn, shape, dtype, mode, device, backward)
+                            err = None
+                        except Exception as exc:  # a provider that cannot run this case
+                            ms, peak, err = [math.nan] * 3, None, f"{type(exc).__name__}: {str(exc)[:120]}"
+                        row = {"shape": list(shape), "dtype": dname, "mode": mode,
+                               "pass": "fwd+bwd" if backward else "fwd", "provider": name,
+                               "ms_median": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
+                               "gbps": min_bytes(shape, dtype, backward) / (ms[0] * 1e6),
+                               "peak_mib": peak, "error": err}
+                        rows.append(row)
+                        log(json.dumps(row))
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows):
+    key = lambda r: (tuple(r["shape"]), r["dtype"], r["mode"], r["pass"])
+    fused = {key(r): r["ms_median"] for r in rows if r["provider"] == "triton"}
+    for r in rows:
+        base = fused.get(key(r))
+        r["ratio_to_triton"] = r["ms_median"] / base if base else None
+
+
+def markdown(rows, device_name):
+    lines = [f"Device: {device_name}. Time in ms (median [p20, p80]); ratio = provider / triton "
+             "(> 1: the fused kernels are faster).", "",
+             "| shape (B,H,L,D) | dtype | mode | pass | provider | ms | GB/s | peak MiB | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['ratio_to_triton']:.2f}" if r["ratio_to_triton"] else "-"
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        ms = (f"{r['ms_median']:.3f} [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}]"
+              if not math.isnan(r["ms_median"]) else f"failed ({r['error']})")
+        lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['mode']} | {r['pass']} | "
+                     f"{r['provider']} | {ms} | {r['gbps']:.0f} | {peak} | {ratio} |")
+    return "\n".join(lines)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CI / dry runs)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--providers", nargs="+",
+                        default=["triton", "sdpa_mass", "flex", "reference", "sdpa_plain"])
+    parser.add_argument("--shapes", nargs="+", help="B,H,L,D ...")
+    parser.add_argument("--out", help="folder for JSON and Markdown results")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    else:
+        shapes = QUICK_SHAPES if args.quick else HEADLINE_SHAPES
+    rows = run_suite(device, shapes, args.dtypes, args.modes, args.providers)
+    name = device_name(device)
+    table = markdown(rows, name)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stamp = datetime.date.today().isoformat()
+        result = {"device": name, "date": stamp, "torch": torch.__version__, "rows": rows}
+        with open(os.path.join(args.out, "attention.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "attention.md"), "w") as f:
+            f.write(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The on-device Pareto solver against the paper-code port, and the balanced step."""
+import math
+import random
+
+import pytest
+import torch
+
+from kernels import pareto
+from kernels import reference as ref
+
+
+def _random_problem(rng, trial):
+    """A Gram matrix and loss pair; a third of them near-parallel or opposite gradients."""
+    a = torch.randn(6, dtype=torch.float64, generator=rng)
+    b = torch.randn(6, dtype=torch.float64, generator=rng)
+    if trial % 3 == 0:
+        sign = 1.0 if trial % 2 else -1.0
+        b = sign * a + 0.05 * b
+    b = b * (0.1 + 10 * torch.rand((), dtype=torch.float64, generator=rng))
+    gram = torch.stack([torch.stack([a @ a, a @ b]), torch.stack([b @ a, b @ b])])
+    # both constraint regimes: L_rec above and below L_cd (and below 0.414 L_cd)
+    losses = torch.rand(2, dtype=torch.float64, generator=rng) * torch.tensor([3.0, 10.0],
+                                                                              dtype=torch.float64)
+    return gram, losses + 1e-3
+
+
+@pytest.mark.parametrize("mode", ["pareto", "mgda"])
+def test_device_solver_matches_reference_on_1000_problems(mode):
+    rng = torch.Generator().manual_seed(0)
+    problems = [_random_problem(rng, t) for t in range(1000)]
+    grams = torch.stack([g for g, _ in problems])
+    losses = torch.stack([l for _, l in problems])
+    lam, ok = pareto.pareto_lambda(grams, losses, mode)  # batched: one call for all
+    regimes = set()
+    for i, (gram, loss) in enumerate(problems):
+        expected, expected_ok = ref.pareto_lambda(gram.tolist(), loss.tolist(), mode)
+        assert bool(ok[i]) == expected_ok
+        # lambda is returned in float32: pareto's lies in (-1, 1], mgda's is unbounded, so
+        # mgda is compared relative to its size (float32 keeps ~7 significant digits).
+        scale = max(1.0, abs(expected)) if mode == "mgda" else 1.0
+        assert abs(lam[i].item() - expected) <= 1e-4 * scale, (i, lam[i].item(), expected)
+        regimes.add((loss[1] > loss[0]).item())
+    assert regimes == {True, False}
+
+
+def test_both_constraints_active_closed_form():
+    """With both constraints active, lambda = (1 - 2c) / (2 - c) (DESIGN §4)."""
+    for c in (-0.9, -0.3, 0.0, 0.2, 0.45):
+        gram = torch.tensor([[1.0, c], [c, 1.0]], dtype=torch.float64)
+        lam, ok = pareto.pareto_lambda(gram, torch.tensor([0.5, 2.0], dtype=torch.float64))
+        assert ok and abs(lam.item() - (1 - 2 * c) / (2 - c)) < 1e-5, c
+
+
+@pytest.mark.parametrize("gram", [
+    [[0.0, 0.0], [0.0, 1.0]],                   # zero cd gradient
+    [[1.0, 0.0], [0.0, 0.0]],                   # zero rec gradient
+    [[math.nan, 0.0], [0.0, 1.0]],              # NaN
+    [[math.inf, 1.0], [1.0, 1.0]],              # inf
+])
+@pytest.mark.parametrize("mode", ["pareto", "mgda"])
+def test_degenerate_inputs_fall_back_to_zero(gram, mode):
+    lam, ok = pareto.pareto_lambda(torch.tensor(gram), torch.tensor([1.0, 2.0]), mode)
+    assert not ok and lam.item() == 0.0
+
+
+def test_gram_matrix_matches_host_and_skips_missing_grads():
+    gen = torch.Generator().manual_seed(0)
+    g1 = [torch.randn(3, 4, generator=gen), None, torch.randn(5, generator=gen)]
+    g2 = [torch.randn(3, 4, generator=gen), torch.randn(2, generator=gen), torch.randn(5, generator=gen)]
+    device = pareto.gram_matrix([g1, g2])
+    cross = ref.gram_matrix([[g1[0], g1[2]], [g2[0], g2[2]]])  # None contributes nothing
+    full = ref.gram_matrix([g2, g2])
+    expected = torch.tensor([[cross[0][0], cross[0][1]], [cross[1][0], full[0][0]]], dtype=torch.float64)
+    assert torch.allclose(device.double(), expected, atol=1e-5)
+
+
+def test_solver_compiles_fullgraph():
+    """No graph break means no host read in the solver (.item(), Python branch on a value)."""
+    compiled = torch.compile(lambda g, l: pareto.pareto_lambda(g, l), fullgraph=True, backend="eager")
+    gram = torch.tensor([[1.0, 0.3], [0.3, 2.0]])
+    lam, ok = compiled(gram, torch.tensor([0.5, 3.0]))
+    expected, _ = ref.pareto_lambda(gram.tolist(), [0.5, 3.0])
+    assert ok and abs(lam.item() - expected) < 1e-5
+
+
+def _tiny_model_and_losses(device, seed=0):
+    from autocdsr.models import Recommender
+    from autocdsr.objectives import cross_domain_loss
+    torch.manual_seed(seed)
+    model = Recommender("sasrec", 30, 3, 12, hidden=32, heads=2, layers=2, dropout=0.0,
+                        backend="sdpa" if device == "cpu" else "triton").to(device)
+    items = torch.randint(1, 31, (4, 12), device=device)
+    domains = torch.randint(0, 3, (4, 12), device=device)
+    seq_lens = torch.tensor([12, 9, 12, 5], device=device)
+    domains[1, 9:] = -1
+    domains[3, 5:] = -1
+
+    def losses():
+        hidden, masses = model(items, domains, seq_lens)
+        loss_rec = (hidden.float() @ model.item_weights().float().T).logsumexp(-1).mean()
+        return loss_rec, cross_domain_loss(masses, model.mass_layers(), domains)
+    return model, losses
+
+
+def test_two_passes_equal_third_backward():
+    """The combined update equals grad(L_rec + lambda L_cd) from a third backward."""
+    from autocdsr.objectives import BalancedStep
+    model, losses = _tiny_model_and_losses("cpu")
+    step = BalancedStep(model, "pareto")
+    loss_rec, loss_cd = losses()
+    lam = step.backward(loss_rec, loss_cd)
+    combined = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    loss_rec, loss_cd = losses()
+    (loss_rec + lam.detach() * loss_cd).backward()
+    assert lam.item() != 0.0
+    for got, p in zip(combined, model.parameters()):
+        assert torch.allclose(got, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_every_reuses_lambda_with_one_backward():
+    from autocdsr.objectives import BalancedStep
+    model, losses = _tiny_model_and_losses("cpu")
+    step = BalancedStep(model, "pareto", every=3)
+    first = step.backward(*losses()).clone()
+    calls = []
+    original = torch.autograd.grad
+    torch.autograd.grad = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        second = step.backward(*losses())
+    finally:
+        torch.autograd.grad = original
+    assert not calls and second.item() == first.item()
+
+
+@pytest.mark.gpu
+def test_balanced_step_runs_without_host_sync_on_gpu():
+    from autocdsr.objectives import BalancedStep
+    model, losses = _tiny_model_and_losses("cuda")
+    step = BalancedStep(model, "pareto")
+    step.backward(*losses())  # warm up: kernels compiled, constants cached
+    torch.cuda.synchronize()
+    loss_rec, loss_cd = losses()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step.backward(loss_rec, loss_cd)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(step.lam)
