@@ -74,8 +74,9 @@ def flex_provider():
             c = (j < nb) & (i >= nb) if nb else domains[b, i] != domains[b, j]
             return allowed(b, h, i, j) & c
 
-        m_all = create_block_mask(allowed, batch, None, length, length, device=q.device)
-        m_cross = create_block_mask(cross, batch, None, length, length, device=q.device)
+        # The masks depend on the batch's domains, so they are rebuilt every call (compiled).
+        m_all = create_block_mask(allowed, batch, None, length, length, device=q.device, _compile=True)
+        m_cross = create_block_mask(cross, batch, None, length, length, device=q.device, _compile=True)
         out, lse = compiled(q, k, v, block_mask=m_all, return_lse=True)
         _, lse_cross = compiled(q, k, v, block_mask=m_cross, return_lse=True)
         mass = torch.exp(lse_cross.float() - lse.float())

@@ -152,6 +152,7 @@ def _backward_dkdv_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_db,
+    stride_gb, stride_gh, stride_gm,
     num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
     CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -208,10 +209,10 @@ def _backward_dkdv_kernel(
         ds_t = p_t * (dp_t + tl.where(cross_t, g[None, :], 0.0) - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    tl.store(DK + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    # dK and dV are fresh contiguous [B, H, L, D] tensors (stride_g*), whatever k and v's layout.
+    grad_offsets = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gm + offs_d[None, :]
+    tl.store(DK + grad_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -222,6 +223,7 @@ def _backward_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_db,
+    stride_gb, stride_gh, stride_gm,
     num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
     CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -274,7 +276,7 @@ def _backward_dq_kernel(
         ds = p * (dp + tl.where(cross, g[:, None], 0.0) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qo_mask)
 
 
@@ -316,14 +318,10 @@ def dot_precision(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _strided_ok(t):
-    """Kernels take any batch/head/row strides but need unit stride along D and a layout
-    that torch.empty_like reproduces (the gradients are written with the input's strides)."""
-    return t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride()
-
-
 def _prepare(t):
-    return t if _strided_ok(t) else t.contiguous()
+    """The kernels take any batch/head/row strides (e.g. q, k, v as views of one fused QKV
+    projection) but need unit stride along D."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _bhm_strides(t):
@@ -343,7 +341,7 @@ def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
     """Launch the forward kernel; return (out, lse, mass). seq_lens is int32 [B]."""
     batch, heads, length, head_dim = q.shape
     flags = kernel_flags("forward", head_dim, q.dtype, causal, num_bottleneck > 0)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
     mass = torch.empty_like(lse)
     grid = (triton.cdiv(length, flags["BLOCK_M"]), batch * heads)
@@ -364,15 +362,16 @@ def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
     d_out = _prepare(d_out)
     d_mass = d_mass.contiguous().float()
     delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Gradients are written contiguous, whatever the inputs' layout (autograd accepts that).
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     rows_grid = (triton.cdiv(length, dq_flags["BLOCK_M"]), batch * heads)
     _backward_preprocess_kernel[rows_grid](
         out, d_out, mass, d_mass, delta, *_bhm_strides(out), *_bhm_strides(d_out),
         heads, length, head_dim, BLOCK_M=dq_flags["BLOCK_M"], BLOCK_D=dq_flags["BLOCK_D"],
         num_warps=dq_flags["num_warps"], num_stages=1)
     common = (*_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(d_out),
-              domains.stride(0), heads, length, head_dim, num_bottleneck, scale,
-              scale * math.log2(math.e))
+              domains.stride(0), *_bhm_strides(dq), heads, length, head_dim, num_bottleneck,
+              scale, scale * math.log2(math.e))
     _backward_dkdv_kernel[(triton.cdiv(length, dkdv_flags["BLOCK_N"]), batch * heads)](
         q, k, v, domains, seq_lens, d_out, lse, delta, d_mass, dk, dv, *common, **dkdv_flags)
     _backward_dq_kernel[rows_grid](

@@ -21,7 +21,8 @@ def reference_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     # A finite fill keeps rows with no allowed key finite (uniform), then they are zeroed:
     # -inf would give NaN there, and NaN poisons the gradient even behind torch.where.
-    scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+    work = torch.promote_types(scores.dtype, torch.float32)  # fp64 stays fp64 (gradcheck)
+    scores = scores.to(work).masked_fill(~allowed, torch.finfo(work).min)
     has_key = allowed.any(dim=-1, keepdim=True)
     probs = torch.where(has_key, torch.softmax(scores, dim=-1), 0.0)
     out = torch.matmul(probs.to(v.dtype), v)
