@@ -77,6 +77,8 @@ class Encoder(nn.Module):
             domains = torch.cat([ib_domains, domains], dim=1)
             seq_lens = seq_lens + nb
         x = self.dropout(x)
+        # int32 once here rather than a conversion in every layer's attention call
+        domains, seq_lens = domains.to(torch.int32), seq_lens.to(torch.int32)
         masses = []
         for index, block in enumerate(self.blocks):
             if nb and index == self.bottleneck_layers:
