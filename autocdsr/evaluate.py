@@ -53,37 +53,48 @@ def sample_negatives(protocol, data, split, rows, rng):
 @torch.no_grad()
 def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
                  desc="eval"):
-    """score_fn(batch) -> [B, num_items + 1] scores (column 0 = padding). Returns ranks."""
+    """score_fn(batch, candidates) -> scores of the [B, n] candidate ids, or of every id
+    ([B, num_items + 1], column 0 = padding) when candidates is None. Returns the ranks."""
     rng = np.random.default_rng(seed)
     ranks = []
     for lo in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, mininterval=1.0, disable=None):
         rows = np.arange(lo, min(lo + batch_size, len(split)))
         batch = to_device(eval_batch(split, rows, max_len, arch, data.mask_id, data.num_domains),
                           device)
-        scores = score_fn(batch).float()
-        target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
         if protocol == "full":
+            scores = score_fn(batch, None).float()
+            target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
             scores[:, 0] = -torch.inf  # padding is never a candidate
-            rank = _rank(scores, target_scores)
         else:
             negatives = torch.from_numpy(sample_negatives(protocol, data, split, rows, rng)).to(device)
-            rank = _rank(scores.gather(1, negatives), target_scores)
+            # column 0 is the target: only the 1 + n candidates are scored
+            scores = score_fn(batch, torch.cat([batch["targets"][:, None], negatives], 1)).float()
+            target_scores, scores = scores[:, 0], scores[:, 1:]
+        rank = _rank(scores, target_scores)
         ranks.append(rank.cpu().numpy())
     return np.concatenate(ranks) if ranks else np.zeros(0)
 
 
 def model_scorer(model, amp_dtype=None):
-    def score(batch):
+    def score(batch, candidates):
         with torch.autocast(batch["items"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             hidden, _ = model(batch["items"], batch["domains"], batch["seq_lens"])
-            states = model.prediction_states(hidden, batch["seq_lens"])
-            return states.float() @ model.item_weights().float().T
+            states = model.prediction_states(hidden, batch["seq_lens"]).float()
+        weights = model.item_weights().float()
+        if candidates is None:
+            return states @ weights.T
+        return torch.einsum("bh,bnh->bn", states, weights[candidates])
     return score
 
 
 def popularity_scorer(popularity, device):
     table = torch.as_tensor(popularity[: len(popularity) - 1], dtype=torch.float32, device=device)
-    return lambda batch: table.repeat(batch["items"].shape[0], 1)
+
+    def score(batch, candidates):
+        if candidates is None:
+            return table.repeat(batch["items"].shape[0], 1)
+        return table[candidates]
+    return score
 
 
 def evaluate_split(score_fn, data, split, cfg, device, desc="eval"):

@@ -63,6 +63,20 @@ def _first_line_with_wrong_width(path, width):
     return None
 
 
+def _first_line_failing(path, index, parse):
+    """Slow scan, only on the error path: first data line whose field `index` fails parse."""
+    opener = __import__("gzip").open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        next(f)
+        for number, line in enumerate(f, start=2):
+            fields = line.rstrip("\n\r").split("\t")
+            try:
+                parse(fields[index])
+            except (ValueError, IndexError):
+                return number
+    return None
+
+
 def read_inter(path):
     """Return a dict in file order: user and item as pyarrow string arrays (tokens), domain
     (int64 numpy) and timestamp (float64 numpy)."""
@@ -90,6 +104,12 @@ def read_inter(path):
             where = f"line {line}: " if line else ""
             raise DataError(f"{path}: {where}wrong number of columns: expected {len(names)} "
                             f"tab-separated fields as in the header ({message})") from None
+        column = re.search(r"column #(\d+)", message)
+        if not line and column and "conversion" in message:
+            index = int(column.group(1))
+            line = _first_line_failing(path, index, float)
+            where = f"line {line}: " if line else ""
+            message = f"field '{names[index]}' must be a number ({message})"
         raise DataError(f"{path}: {where}{message}") from None
     if table.num_rows == 0:
         raise DataError(f"{path}: no interactions after the header")

@@ -1,0 +1,114 @@
+"""The .inter reader, splits, batching."""
+import gzip
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autocdsr.data.batches import bert4rec_train_batch, eval_batch, sasrec_train_batch
+from autocdsr.data.dataset import build_leave_one_out, load_dataset
+from autocdsr.data.reader import DataError, read_inter
+from autocdsr.data.synthetic import generate
+
+HEADER = "user_id:token\titem_id:token\tdomain:token\ttimestamp:float\n"
+
+
+def write(path, text, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wt") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_reads_plain_and_gzip(tmp_path):
+    body = HEADER + "u1\ti1\t9\t0\nu1\ti2\t4\t1\n"
+    for gz in (False, True):
+        path = write(tmp_path / ("a.inter" + (".gz" if gz else "")), body, gz)
+        data = read_inter(path)
+        assert data["item"].to_pylist() == ["i1", "i2"]
+        assert data["domain"].tolist() == [9, 4]
+
+
+@pytest.mark.parametrize("body,message", [
+    ("", "empty file"),
+    ("user_id:token\titem_id:token\tdomain:token\n", "lacks the field 'timestamp:float'"),
+    ("user_id:token\titem_id:token\tdomain:float\ttimestamp:float\n", "field 'domain' has type 'float'"),
+    ("user_id\titem_id:token\tdomain:token\ttimestamp:float\n", "has no type"),
+    (HEADER, "no interactions"),
+    (HEADER + "u1\ti1\t9\t0\nu1\ti2\t4\n", "line 3: wrong number of columns"),
+    (HEADER + "u1\ti1\t9\t0\nu1\ti2\tx\t1\n", "line 3: domain 'x' is not an integer"),
+    (HEADER + "u1\ti1\t9\tsoon\n", "line 2"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, body, message):
+    path = write(tmp_path / "bad.inter", body)
+    with pytest.raises(DataError, match=message) as err:
+        read_inter(path)
+    assert "bad.inter" in str(err.value)
+
+
+def _frame(tmp_path, rows):
+    body = HEADER + "".join(f"{u}\t{i}\t{d}\t{t}\n" for u, i, d, t in rows)
+    return read_inter(write(tmp_path / "x.inter", body))
+
+
+def test_stable_sort_and_leave_one_out_has_no_leakage(tmp_path):
+    # ties at t=1 keep file order (b before c); user u2 has 2 events and is dropped
+    rows = [("u1", "a", 1, 0), ("u1", "b", 1, 1), ("u1", "c", 2, 1), ("u1", "d", 1, 2),
+            ("u2", "a", 1, 0), ("u2", "b", 1, 1), ("u1", "e", 2, 3)]
+    data = build_leave_one_out(_frame(tmp_path, rows), "t")
+    assert data.dropped_users == 1 and len(data.train) == 1
+    token = lambda ids: [data.item_tokens[i - 1] for i in ids]
+    assert token(data.train.row(0)[0]) == ["a", "b", "c"]
+    assert token(data.valid.row(0)[0]) == ["a", "b", "c"] and token([data.valid.targets[0]]) == ["d"]
+    assert token(data.test.row(0)[0]) == ["a", "b", "c", "d"] and token([data.test.targets[0]]) == ["e"]
+    # the test target never appears in that user's training sequence or validation history
+    assert data.test.targets[0] not in data.train.row(0)[0]
+    assert data.test.targets[0] not in data.valid.row(0)[0]
+
+
+def test_synthetic_loo_no_leakage():
+    data = build_leave_one_out(generate(200, seed=1), "synthetic")
+    for r in range(len(data.test)):
+        train_len = len(data.train.row(r)[0])
+        assert len(data.test.row(r)[0]) == train_len + 1   # history = train + the valid target
+        assert data.test.row(r)[0][-1] == data.valid.targets[r]
+
+
+def test_predefined_split_files(tmp_path):
+    for part, users in (("train", ["u1", "u2"]), ("valid", ["u3"]), ("test", ["u4"])):
+        rows = "".join(f"{u}\ti{k}\t{k % 2}\t{k}\n" for u in users for k in range(4))
+        write(tmp_path / f"demo.{part}.inter", HEADER + rows)
+    data = load_dataset(str(tmp_path), "demo", "files")
+    assert len(data.train) == 2 and len(data.valid) == 1 and len(data.test) == 1
+    assert len(data.test.row(0)[0]) == 3
+    with pytest.raises(DataError, match="missing other.train.inter"):
+        load_dataset(str(tmp_path), "other", "files")
+
+
+def test_batches_truncate_to_most_recent_and_pad_right():
+    data = build_leave_one_out(generate(20, min_len=30, max_len=30, seed=0), "s")
+    items, _ = data.train.row(0)
+    batch = sasrec_train_batch(data.train, [0], 10)
+    assert batch["items"][0].tolist() == items[-11:-1].tolist()
+    assert batch["targets"][0].tolist() == items[-10:].tolist()
+    rng = np.random.default_rng(0)
+    cloze = bert4rec_train_batch(data.train, [0, 1], 10, data.mask_id, data.num_domains, 0.15, rng)
+    masked = cloze["items"] == data.mask_id
+    assert masked.any(dim=1).all()                             # at least one mask per row
+    assert (cloze["targets"][masked] != 0).all() and (cloze["targets"][~masked] == 0).all()
+    assert (cloze["domains"][masked] == data.num_domains).all()  # the hidden domain is not shown
+    ev = eval_batch(data.test, [0], 10, "bert4rec", data.mask_id, data.num_domains)
+    assert ev["items"][0, -1] == data.mask_id and ev["seq_lens"][0] == 10
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 9), st.integers(-3, 12),
+                          st.floats(-1e6, 1e6, allow_nan=False)), min_size=1, max_size=40))
+def test_reader_round_trips_random_files(tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("h") / "r.inter"
+    body = HEADER + "".join(f"u{u}\ti{i}\t{d}\t{t!r}\n" for u, i, d, t in rows)
+    data = read_inter(write(path, body))
+    assert data["user"].to_pylist() == [f"u{u}" for u, _, _, _ in rows]
+    assert data["domain"].tolist() == [d for _, _, d, _ in rows]
+    assert np.allclose(data["timestamp"], [t for _, _, _, t in rows])
