@@ -1,0 +1,60 @@
+"""Gram matrix + Pareto solver latency: on-device (kernels.pareto) against the paper code's
+host solver (gradients concatenated, Gram with .item(), Frank-Wolfe in Python).
+
+    python -m bench.bench_solver --device cuda
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from kernels import pareto
+from kernels import reference as host
+
+
+def _gradients(device, sizes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen).to(device) for s in sizes] for _ in range(2)]
+
+
+def run(device, reps=50, sizes=((64, 64),) * 8 + ((256, 64), (64, 256)) * 4):
+    grads = _gradients(device, sizes)
+    losses = torch.tensor([0.3, 2.5], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def on_device():
+        gram = pareto.gram_matrix(grads)
+        return pareto.pareto_lambda(gram, losses)
+
+    def paper_host():
+        flat = torch.stack([torch.cat([g.flatten() for g in task]) for task in grads])
+        gram = [[float(torch.dot(flat[i], flat[j]).item()) for j in range(2)] for i in range(2)]
+        return host.pareto_lambda(gram, [float(losses[0].item()), float(losses[1].item())])
+
+    rows = []
+    for name, fn in (("device", on_device), ("reference_host", paper_host)):
+        fn()
+        sync()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(1e6 * (time.perf_counter() - t0))
+        rows.append({"solver": name, "us_median": statistics.median(times),
+                     "parameters": sum(a * b for a, b in sizes)})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    rows = run(torch.device(args.device))
+    for r in rows:
+        print(f"{r['solver']:>15}: {r['us_median']:8.1f} us (Gram + solver, {r['parameters']} params)")
+
+
+if __name__ == "__main__":
+    main()
