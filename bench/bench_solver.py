@@ -32,8 +32,17 @@ def run(device, reps=50, sizes=((64, 64),) * 8 + ((256, 64), (64, 256)) * 4):
         gram = [[float(torch.dot(flat[i], flat[j]).item()) for j in range(2)] for i in range(2)]
         return host.pareto_lambda(gram, [float(losses[0].item()), float(losses[1].item())])
 
+    def on_device_compiled():
+        gram = pareto.gram_matrix(grads)
+        return pareto.pareto_lambda_fused(gram, losses)
+
+    providers = [("device", on_device), ("reference_host", paper_host)]
+    if device.type == "cuda":
+        providers.insert(1, ("device_compiled", on_device_compiled))
+        eager, compiled = on_device()[0], on_device_compiled()[0]
+        assert torch.allclose(eager, compiled, atol=1e-6), (eager, compiled)
     rows = []
-    for name, fn in (("device", on_device), ("reference_host", paper_host)):
+    for name, fn in providers:
         fn()
         sync()
         times = []
