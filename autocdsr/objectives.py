@@ -8,7 +8,7 @@ batches by the caller.
 """
 import torch
 
-from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda_fused
+from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
 
 
 def cross_domain_loss(masses, layers, domains, num_bottleneck=0):
@@ -76,7 +76,7 @@ class BalancedStep:
             shared_cd = [g_cd[i] for i in self.shared_index]
             gram = gram_matrix([shared_cd, shared_rec])
             losses = torch.stack([loss_cd.detach().float(), loss_rec.detach().float()])
-            lam, ok = pareto_lambda_fused(gram, losses, self.mode)
+            lam, ok = pareto_lambda(gram, losses, self.mode)
             self.lam = lam
             self.cosine = gradient_cosine(gram)
             self.fallbacks = self.fallbacks + (~ok).long()

@@ -19,6 +19,7 @@ timeout 150 python -m pytest -q -n 8 -p no:cacheprovider -m "gpu or not slow" \
   timeout 120 python -m bench.bench_attention --device cuda --out "$out" --dtypes bf16 fp32 \
       --providers triton sdpa_mass reference sdpa_plain
   timeout 90 python -m bench.bench_train --device cuda --out "$out"
+  timeout 30 python -m bench.bench_solver --device cuda
   timeout 45 python -m bench.bench_attention --device cuda --out "$out/flex" --dtypes bf16 \
       --modes causal bidir --shapes 256,2,200,32 64,2,800,32 --providers triton flex
   rm -f "$out/flex/attention.md"

@@ -167,7 +167,8 @@ def _compiled_solver(mode):
 
 def pareto_lambda_fused(gram, losses, mode="pareto"):
     """pareto_lambda compiled (fullgraph) into a few fused kernels on CUDA, where the eager
-    version's ~50 tiny launches would dominate its cost; eager elsewhere."""
+    version's ~50 tiny launches dominate its cost; eager elsewhere. Not yet the training
+    default: bench/bench_solver.py checks and times it on the next GPU run."""
     if gram.device.type != "cuda":
         return pareto_lambda(gram, losses, mode)
     return _compiled_solver(mode)(gram, losses)
