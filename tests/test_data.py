@@ -112,3 +112,11 @@ def test_reader_round_trips_random_files(tmp_path_factory, rows):
     assert data["user"].to_pylist() == [f"u{u}" for u, _, _, _ in rows]
     assert data["domain"].tolist() == [d for _, _, d, _ in rows]
     assert np.allclose(data["timestamp"], [t for _, _, _, t in rows])
+
+
+def test_predefined_split_rejects_a_user_in_two_files(tmp_path):
+    for part, users in (("train", ["u1", "u2"]), ("valid", ["u2"]), ("test", ["u4"])):
+        rows = "".join(f"{u}\ti{k}\t0\t{k}\n" for u in users for k in range(3))
+        write(tmp_path / f"demo.{part}.inter", HEADER + rows)
+    with pytest.raises(DataError, match="1 users appear in both the train and the valid file"):
+        load_dataset(str(tmp_path), "demo", "files")

@@ -92,3 +92,30 @@ def test_bad_config_exits_with_a_message():
     proc = _cli("train", "model.depth=2", stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "unknown config key 'model.depth'" in err
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    import autocdsr.train as train_module
+    real = train_module.recommendation_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(train_module, "recommendation_loss", sometimes_nan)
+    cfg = load_config(None, TINY + ["train.epochs=3", "train.max_bad_steps=3",
+                                    "train.checkpoint_every=2", "objective=autocdsr",
+                                    f"run_dir={tmp_path}"])
+    trainer = train_module.Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
+        trainer.fit()
+    assert trainer.skipped_steps == 3
+    state = load_safe(str(tmp_path / "last.pt"))  # the last checkpoint survives, finite
+    assert 2 <= state["global_step"] < trainer.global_step + 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    for value in trainer.model.state_dict().values():  # NaN never reached the weights
+        assert torch.isfinite(value).all()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())

@@ -147,8 +147,25 @@ def build_leave_one_out(frame, name="data"):
     return _finish(name, item_tokens, domain_tokens, train, valid, test, dropped)
 
 
+def _check_users_disjoint(frames, name):
+    """The predefined split is by user: a user in two files would leak targets into training."""
+    labels = ("train", "valid", "test")
+    seen = {}
+    for label, frame in zip(labels, frames):
+        users = set(frame["user"].unique().to_pylist())
+        for other, other_users in seen.items():
+            shared = users & other_users
+            if shared:
+                example = sorted(shared)[0]
+                raise DataError(f"{name}: {len(shared)} users appear in both the {other} and the "
+                                f"{label} file (e.g. '{example}'); the predefined split must be "
+                                f"by user (use data.split=loo for one file per user history)")
+        seen[label] = users
+
+
 def build_predefined(frames, name="data"):
     """frames = (train, valid, test) as read; split by user as in the KuaiRand files."""
+    _check_users_disjoint(frames, name)
     item_codes, item_tokens, domain_codes, domain_tokens = _encode(frames)
     bounds = np.cumsum([0] + [len(f["domain"]) for f in frames])
     parts, dropped = [], 0
