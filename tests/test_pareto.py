@@ -74,12 +74,19 @@ def test_gram_matrix_matches_host_and_skips_missing_grads():
     assert torch.allclose(device.double(), expected, atol=1e-5)
 
 
-def test_solver_compiles_fullgraph():
-    """No graph break means no host read in the solver (.item(), Python branch on a value)."""
-    compiled = torch.compile(lambda g, l: pareto.pareto_lambda(g, l), fullgraph=True, backend="eager")
-    gram = torch.tensor([[1.0, 0.3], [0.3, 2.0]])
-    lam, ok = compiled(gram, torch.tensor([0.5, 3.0]))
-    expected, _ = ref.pareto_lambda(gram.tolist(), [0.5, 3.0])
+def test_gram_and_solver_compile_fullgraph():
+    """No graph break means no host read in steps 2-3 of the balanced step (.item(), .cpu(),
+    a Python branch on a value): Gram matrix and solver trace as one graph."""
+    def gram_and_lambda(g_cd, g_rec, losses):
+        return pareto.pareto_lambda(pareto.gram_matrix([g_cd, g_rec]), losses)
+
+    compiled = torch.compile(gram_and_lambda, fullgraph=True, backend="eager")
+    gen = torch.Generator().manual_seed(0)
+    g_cd = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    g_rec = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    losses = torch.tensor([0.5, 3.0])
+    lam, ok = compiled(g_cd, g_rec, losses)
+    expected, _ = ref.pareto_lambda(ref.gram_matrix([g_cd, g_rec]), [0.5, 3.0])
     assert ok and abs(lam.item() - expected) < 1e-5
 
 
