@@ -5,7 +5,8 @@
         --set data.path=../shared/data/kuairand1k data.split=files data.max_len=200 \\
               train.loss=sampled eval.protocol=uni100_vocab train.epochs=3
 
-Each run is a normal training run (its own run directory under OUT/runs); the summary gives
+Each run is a normal training run (its own run directory under OUT/runs; one that already
+has a metrics.json is reused, not retrained); the summary gives
 mean and spread (population std) over seeds of HR@10 / NDCG@10 overall and per target domain,
 the final cross-domain mass L_cd, lambda in the first and last epoch, and seconds per step.
 """
@@ -73,9 +74,14 @@ def main(argv=None):
     for name in args.variants:
         for seed in args.seeds:
             run_dir = os.path.join(args.out, "runs", name.replace("/", "_"), f"seed{seed}")
-            cfg = load_config(None, VARIANTS[name] + args.set + [f"train.seed={seed}",
-                                                                 f"run_dir={run_dir}"])
-            metrics = train(cfg)
+            done = os.path.join(run_dir, "metrics.json")
+            if os.path.exists(done):  # finished earlier (e.g. run by hand): reuse it
+                with open(done) as f:
+                    metrics = json.load(f)
+            else:
+                cfg = load_config(None, VARIANTS[name] + args.set + [f"train.seed={seed}",
+                                                                     f"run_dir={run_dir}"])
+                metrics = train(cfg)
             protocol = metrics["protocol"]
             results.setdefault(name, []).append(metrics)
     rows = summarize(results)
