@@ -24,6 +24,7 @@ from kernels import reference as host_solver
 
 FULL = dict(batch=128, length=200, items=20000, hidden=64, heads=2, layers=2, steps=20)
 QUICK = dict(batch=16, length=40, items=2000, hidden=32, heads=2, layers=2, steps=4)
+CPU = dict(batch=64, length=50, items=5000, hidden=64, heads=2, layers=2, steps=8)
 
 
 def make_batch(arch, size, device, seed=0):
@@ -145,12 +146,13 @@ def markdown(rows, device_name, size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI / dry runs)")
+    parser.add_argument("--cpu-size", action="store_true", help="a size a 2-core CPU times in a minute")
     parser.add_argument("--backends", nargs="+")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    size = QUICK if args.quick else FULL
+    size = QUICK if args.quick else CPU if args.cpu_size else FULL
     backends = args.backends or (["triton", "sdpa", "reference"] if device.type == "cuda"
                                  else ["sdpa", "reference"])
     rows = run(device, size, backends)
