@@ -27,7 +27,7 @@ def _train(args):
 
 
 def _evaluate(args):
-    from .evaluate import evaluate_split, format_table
+    from .evaluate import format_table
     from .train import Trainer, setup_logging
     state = load_safe(args.checkpoint)
     cfg = load_config(None, args.overrides, base=OmegaConf.create(state["config"]))

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .checkpoint import load_safe, save_atomic, write_text_atomic

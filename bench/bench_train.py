@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from autocdsr.losses import recommendation_loss
 from autocdsr.models import Recommender

@@ -1,6 +1,5 @@
 """The on-device Pareto solver against the paper-code port, and the balanced step."""
 import math
-import random
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ Extra fields are ignored. Errors name the file, and the line where pyarrow repor
 import os
 import re
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as csv
