@@ -1,6 +1,7 @@
 """Ahead-of-time compile of every kernel variant dispatch can select, for sm_80 / sm_90,
-without a GPU: reports shared memory (from Triton's metadata) and registers / spills (from
-ptxas -v on the generated PTX). Run as `python -m kernels.compile_check --arch 80 90`.
+without a GPU: reports shared memory (from Triton's metadata) and registers / spilled bytes
+(from the cubin Triton built, via cuobjdump -res-usage). Run as
+`python -m kernels.compile_check --arch 80 90`.
 
 Must run without TRITON_INTERPRET (the interpreter replaces the jitted kernels).
 """
@@ -63,28 +64,21 @@ def variants():
                 yield f"{label}/{t}/d{head_dim}/{mode}", kernel, tensors, flags, warps, stages
 
 
-def ptxas_path(arch):
-    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    # The bundled ptxas-blackwell understands the newer PTX ISA that sm_90a code needs.
-    name = "ptxas" if arch < 90 else "ptxas-blackwell"
-    path = os.path.join(base, name)
-    return path if os.path.exists(path) else os.path.join(base, "ptxas")
-
-
-def ptxas_usage(ptx, arch):
-    """Registers and spill bytes reported by ptxas -v for the compiled PTX."""
-    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+def resource_usage(cubin):
+    """Registers and local-memory bytes per thread of the cubin Triton itself built (with its
+    own ptxas invocation), read with the bundled cuobjdump. Local memory here means register
+    spills (the kernels declare no local arrays)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={target}", src,
-                               "-o", os.path.join(tmp, "kernel.cubin")],
-                              capture_output=True, text=True)
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
-    registers = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr))
+        raise RuntimeError(f"cuobjdump failed: {proc.stderr[-2000:]}")
+    usage = proc.stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     return registers, spills
 
 
@@ -103,7 +97,7 @@ def compile_variant(kernel, tensors, constexprs, warps, stages, arch):
                     constexprs=constexprs, attrs=_divisibility(kernel, tensors))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
-    registers, spills = ptxas_usage(compiled.asm["ptx"], arch)
+    registers, spills = resource_usage(compiled.asm["cubin"])
     return {"shared_bytes": compiled.metadata.shared, "registers": registers,
             "spill_bytes": spills}
 
