@@ -65,7 +65,7 @@ class BalancedStep:
         """Fill .grad of every parameter; return the lambda used (a 0-d device tensor)."""
         params = [p for _, p in self.named]
         if self.mode == "none" or loss_cd is None:
-            (loss_rec).backward()
+            loss_rec.backward()
         elif not self.solves_this_step():
             # fixed mode, or reusing the last lambda: one backward of the weighted sum.
             (loss_rec + self.lam * loss_cd).backward()
