@@ -11,7 +11,7 @@ import torch
 from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
 
 
-def cross_domain_loss(masses, layers, domains, num_bottleneck=0):
+def cross_domain_loss(masses, layers, domains):
     """Mean over the chosen layers of the mean mass over (b, h, non-padding query).
 
     In bottleneck layers the mass tensor includes the IB positions (which have mass 0 by
@@ -40,7 +40,7 @@ class BalancedStep:
     """Computes the combined gradient into .grad for mode pareto / mgda / fixed / none."""
 
     def __init__(self, model, mode="pareto", lam=0.1, every=1, shared="all_but_items"):
-        self.model, self.mode, self.every = model, mode, every
+        self.mode, self.every = mode, every
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         shared_names = set(shared_parameters(model, shared))
         self.shared_index = [i for i, (n, _) in enumerate(self.named) if n in shared_names]

@@ -156,7 +156,7 @@ class Trainer:
             hidden, masses = self.model(batch["items"], batch["domains"], batch["seq_lens"])
             loss_rec = recommendation_loss(cfg.train.loss, hidden, self.model.item_weights(),
                                            batch["targets"], cfg.train.num_negatives)
-        loss_cd = cross_domain_loss([m.float() for m in masses], self.model.mass_layers(),
+        loss_cd = cross_domain_loss(masses, self.model.mass_layers(),  # mass is float32
                                     batch["domains"])
         return loss_rec.float(), loss_cd
 

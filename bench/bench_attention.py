@@ -14,13 +14,12 @@ import datetime
 import json
 import math
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from bench.timing import quantiles, wall_times_ms
 from kernels.masks import padding_mask
 
 HEADLINE_SHAPES = [(256, 2, 200, 32), (64, 2, 800, 32), (128, 4, 50, 16), (32, 8, 800, 64)]
@@ -106,16 +105,7 @@ def timer(fn, device, warmup=3, reps=20):
     if device.type == "cuda":
         import triton.testing
         return list(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    times.sort()
-    q = statistics.quantiles(times, n=10)
-    return [statistics.median(times), q[1], q[7]]
+    return quantiles(wall_times_ms(fn, device, warmup, reps))
 
 
 def min_bytes(shape, dtype, backward):

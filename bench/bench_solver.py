@@ -4,11 +4,10 @@ host solver (gradients concatenated, Gram with .item(), Frank-Wolfe in Python).
     python -m bench.bench_solver --device cuda
 """
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench.timing import quantiles, wall_times_ms
 from kernels import pareto
 from kernels import reference as host
 
@@ -21,7 +20,6 @@ def _gradients(device, sizes, seed=0):
 def run(device, reps=50, sizes=((64, 64),) * 8 + ((256, 64), (64, 256)) * 4):
     grads = _gradients(device, sizes)
     losses = torch.tensor([0.3, 2.5], device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def on_device():
         gram = pareto.gram_matrix(grads)
@@ -43,15 +41,8 @@ def run(device, reps=50, sizes=((64, 64),) * 8 + ((256, 64), (64, 256)) * 4):
         assert torch.allclose(eager, compiled, atol=1e-6), (eager, compiled)
     rows = []
     for name, fn in providers:
-        fn()
-        sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(1e6 * (time.perf_counter() - t0))
-        rows.append({"solver": name, "us_median": statistics.median(times),
+        median_ms = quantiles(wall_times_ms(fn, device, warmup=1, reps=reps))[0]
+        rows.append({"solver": name, "us_median": 1000 * median_ms,
                      "parameters": sum(a * b for a, b in sizes)})
     return rows
 

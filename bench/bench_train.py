@@ -11,14 +11,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 
 import torch
 
 from autocdsr.losses import recommendation_loss
 from autocdsr.models import Recommender
 from autocdsr.objectives import BalancedStep, cross_domain_loss
+from bench.timing import quantiles, wall_times_ms
 from kernels import reference as host_solver
 
 FULL = dict(batch=128, length=200, items=20000, hidden=64, heads=2, layers=2, steps=20)
@@ -83,21 +82,14 @@ def step_fn(model, optimizer, batch, objective, loss_kind):
 
 
 def measure(step, device, steps):
-    for _ in range(2):
-        step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    """(median, p20, p80) ms per step and peak MiB (CUDA) over `steps` timed steps."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
         step()
-        sync()
-        times.append(1000 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = wall_times_ms(step, device, warmup=2, reps=steps)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    times.sort()
-    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5], peak
+    return (*quantiles(times), peak)
 
 
 def run(device, size, backends, loss_kind="full", log=print):

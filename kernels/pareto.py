@@ -20,32 +20,35 @@ from .reference import CURRENT_PREFERENCE, PREFERENCE_VECTORS
 MAX_TASK_VECTORS = 8
 
 
-def _sum_of_squares(tensors):
-    """sum_p |t_p|^2 with one multi-tensor norm kernel (per dtype group), in float32."""
-    norms = torch._foreach_norm(tensors)
-    return torch.stack(norms).float().pow(2).sum()
+def _squared_norms(tensors):
+    """[n] float32 squared norms, one multi-tensor norm kernel (per dtype group)."""
+    return torch.stack(torch._foreach_norm(tensors)).float().pow(2)
 
 
 def gram_matrix(grads):
     """[T, T] Gram matrix of T gradient lists (one tensor per parameter, None = zero).
 
-    No concatenated copy of the gradients and few kernel launches: squared norms come from
-    multi-tensor norms, and each inner product from the polarisation identity
-    <a, b> = (|a + b|^2 - |a|^2 - |b|^2) / 2 over the parameters both tasks have.
+    No concatenated copy of the gradients and few kernel launches: per-parameter squared
+    norms come from one multi-tensor norm per task (computed once), and each inner product
+    from the polarisation identity <a, b> = (|a + b|^2 - |a|^2 - |b|^2) / 2 over the
+    parameters both tasks have.
     """
     num_tasks = len(grads)
     ref = next(g for task in grads for g in task if g is not None)
     zero = torch.zeros((), device=ref.device, dtype=torch.float32)
+    present = [[p for p, g in enumerate(task) if g is not None] for task in grads]
+    norms = [dict(zip(idx, _squared_norms([grads[t][p] for p in idx]).unbind())) if idx else {}
+             for t, idx in enumerate(present)]
     entries = [[zero] * num_tasks for _ in range(num_tasks)]
     for i in range(num_tasks):
-        present = [g for g in grads[i] if g is not None]
-        entries[i][i] = _sum_of_squares(present) if present else zero
+        entries[i][i] = torch.stack(list(norms[i].values())).sum() if norms[i] else zero
         for j in range(i + 1, num_tasks):
-            pairs = [(a, b) for a, b in zip(grads[i], grads[j]) if a is not None and b is not None]
-            if pairs:
-                a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-                both = _sum_of_squares(torch._foreach_add(a, b))
-                entries[i][j] = entries[j][i] = 0.5 * (both - _sum_of_squares(a) - _sum_of_squares(b))
+            common = [p for p in present[i] if p in norms[j]]
+            if common:
+                both = _squared_norms(torch._foreach_add([grads[i][p] for p in common],
+                                                         [grads[j][p] for p in common])).sum()
+                alone = torch.stack([norms[i][p] + norms[j][p] for p in common]).sum()
+                entries[i][j] = entries[j][i] = 0.5 * (both - alone)
     return torch.stack([torch.stack(row) for row in entries])
 
 

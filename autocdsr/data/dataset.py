@@ -100,24 +100,20 @@ def _sequences(user_codes, timestamps, items, domains, min_events):
     return Sequences(new_offsets, items[idx], domains[idx]), int((~keep).sum())
 
 
-def _split_last(seqs, drop):
-    """Evaluation rows: history = all but the last `drop` events + ..., target = the event
-    at position -drop. drop=1: target is the last event."""
-    lengths = np.diff(seqs.offsets)
-    target_pos = seqs.offsets[1:] - drop
-    hist_len = lengths - drop
-    keep_idx = np.concatenate([np.arange(lo, lo + n) for lo, n in zip(seqs.offsets[:-1], hist_len)]) \
-        if len(hist_len) else np.zeros(0, np.int64)
-    return Sequences(np.r_[0, np.cumsum(hist_len)], seqs.items[keep_idx], seqs.domains[keep_idx],
-                     seqs.items[target_pos], seqs.domains[target_pos])
-
-
 def _truncate_tail(seqs, drop):
     """Sequences without their last `drop` events (the training part of leave-one-out)."""
     lengths = np.diff(seqs.offsets) - drop
     keep_idx = np.concatenate([np.arange(lo, lo + n) for lo, n in zip(seqs.offsets[:-1], lengths)]) \
         if len(lengths) else np.zeros(0, np.int64)
     return Sequences(np.r_[0, np.cumsum(lengths)], seqs.items[keep_idx], seqs.domains[keep_idx])
+
+
+def _split_last(seqs):
+    """Evaluation rows: history = every event but the last, target = the last event."""
+    history = _truncate_tail(seqs, 1)
+    last = seqs.offsets[1:] - 1
+    history.targets, history.target_domains = seqs.items[last], seqs.domains[last]
+    return history
 
 
 def _finish(name, item_tokens, domain_tokens, train, valid, test, dropped):
@@ -142,8 +138,8 @@ def build_leave_one_out(frame, name="data"):
     if len(seqs) == 0:
         raise DataError(f"{name}: no user has the 3 events leave-one-out needs")
     train = _truncate_tail(seqs, 2)
-    valid = _split_last(_truncate_tail(seqs, 1), 1)
-    test = _split_last(seqs, 1)
+    valid = _split_last(_truncate_tail(seqs, 1))
+    test = _split_last(seqs)
     return _finish(name, item_tokens, domain_tokens, train, valid, test, dropped)
 
 
@@ -175,7 +171,7 @@ def build_predefined(frames, name="data"):
                                   domain_codes[sl], min_events=2)
         dropped += n_drop
         parts.append(seqs)
-    train, valid, test = parts[0], _split_last(parts[1], 1), _split_last(parts[2], 1)
+    train, valid, test = parts[0], _split_last(parts[1]), _split_last(parts[2])
     for label, part in (("train", train), ("valid", valid), ("test", test)):
         if len(part) == 0:
             raise DataError(f"{name}: the {label} file has no user with at least 2 events")
