@@ -1,5 +1,9 @@
-"""Command line: `autocdsr train [--config FILE] [--resume RUN_DIR] [key=value ...]` and
-`autocdsr evaluate --checkpoint RUN_DIR/best.pt [key=value ...]`."""
+"""Command line:
+  autocdsr train     [--config FILE] [--resume RUN_DIR] [key=value ...]
+  autocdsr evaluate  --checkpoint RUN_DIR/best.pt [key=value ...]
+  autocdsr analyze   RUN_DIR [--against RUN_DIR ...]
+  autocdsr compare   RUN_DIR ... [--group-by KEYS] [--baseline GROUP] [--out DIR]
+"""
 import argparse
 import json
 import os
@@ -8,6 +12,7 @@ import sys
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, load_safe
+from .compare import DEFAULT_GROUP_BY, CompareError
 from .config import ConfigError, load_config
 from .data.reader import DataError
 
@@ -40,6 +45,19 @@ def _evaluate(args):
                            result, list(cfg.eval.ks)))
 
 
+def _analyze(args):
+    from .analyze import analyze
+    out = analyze(args.run_dir, args.against, args.max_rows)
+    print(f"wrote {out}/pair_mass.json, pair_mass.png, trajectory.png")
+
+
+def _compare(args):
+    from .compare import compare
+    text, _ = compare(args.run_dirs, args.group_by.split(","), args.baseline,
+                      args.metrics.split(","), args.out)
+    print(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="autocdsr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,10 +68,22 @@ def main(argv=None):
     p_eval = sub.add_parser("evaluate", help="evaluate a checkpoint")
     p_eval.add_argument("--checkpoint", required=True)
     p_eval.add_argument("overrides", nargs="*")
+    p_an = sub.add_parser("analyze", help="attention-mass figures and the weight trajectory")
+    p_an.add_argument("run_dir")
+    p_an.add_argument("--against", nargs="*", default=[], metavar="RUN_DIR")
+    p_an.add_argument("--max-rows", type=int, default=512, help="test histories to analyse")
+    p_cmp = sub.add_parser("compare", help="one table of runs, mean +- std over seeds")
+    p_cmp.add_argument("run_dirs", nargs="+")
+    p_cmp.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY))
+    p_cmp.add_argument("--baseline", help="group label or key=value,... (default objective=base)")
+    p_cmp.add_argument("--metrics", default="HR@10,NDCG@10")
+    p_cmp.add_argument("--out", help="folder for compare.md and compare.csv")
     args = parser.parse_args(argv)
+    commands = {"train": _train, "evaluate": _evaluate, "analyze": _analyze, "compare": _compare}
     try:
-        (_train if args.command == "train" else _evaluate)(args)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError, ValueError) as err:
+        commands[args.command](args)
+    except (ConfigError, DataError, CheckpointError, CompareError, FloatingPointError,
+            ValueError) as err:
         print(f"autocdsr: error: {err}", file=sys.stderr)
         return 2
     return 0

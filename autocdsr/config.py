@@ -14,6 +14,7 @@ class DataConfig:
     split: str = "loo"        # loo | files
     max_len: int = 50
     mask_prob: float = 0.15   # BERT4Rec cloze masking
+    mask_domain: str = "target"  # target: a [MASK] keeps its item's domain | hidden: wildcard
     synthetic_users: int = 3000
 
 
@@ -33,7 +34,7 @@ class WeightingConfig:
     mode: str = "pareto"      # pareto | mgda | fixed | none
     lam: float = 0.1          # for mode=fixed
     every: int = 1            # reuse lambda for N steps
-    shared: str = "all_but_items"  # all_but_items | all
+    shared: str = "reached"   # reached | all_but_items | all: the Gram matrix's parameters
     log_every: int = 50       # steps between device->host copies of lambda / cosine
 
 
@@ -47,7 +48,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"      # auto | cpu | cuda
-    loss: str = "full"        # full | inbatch | sampled
+    loss: str = "full"        # full | sampled | inbatch | inbatch_official
+    logits: str = "dot"       # full / sampled: dot | cosine (cos / temperature)
+    temperature: float = 0.1  # for logits=cosine
     num_negatives: int = 1000  # sampled softmax
     patience: int = 3          # early stopping, in epochs without a better valid metric
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
@@ -85,9 +88,11 @@ CHOICES = {
     "model.arch": ("sasrec", "bert4rec"),
     "objective": ("base", "autocdsr", "autocdsr_plus"),
     "weighting.mode": ("pareto", "mgda", "fixed", "none"),
-    "weighting.shared": ("all_but_items", "all"),
+    "data.mask_domain": ("target", "hidden"),
+    "weighting.shared": ("reached", "all_but_items", "all"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.loss": ("full", "inbatch", "sampled"),
+    "train.loss": ("full", "sampled", "inbatch", "inbatch_official"),
+    "train.logits": ("dot", "cosine"),
     "eval.protocol": ("full", "uni100_vocab", "uni999_domain"),
     "attention.backend": ("auto", "reference", "sdpa", "triton"),
 }
@@ -166,6 +171,8 @@ def check_config(cfg):
     if not 16 <= head_dim <= 128:
         raise ConfigError(f"model.hidden / model.heads = {head_dim} must be in 16..128 "
                           "(the attention head dim)")
+    if cfg.train.temperature <= 0:
+        raise ConfigError(f"train.temperature must be > 0, got {cfg.train.temperature}")
     if not 0.0 < cfg.data.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {cfg.data.mask_prob}")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:

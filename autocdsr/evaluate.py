@@ -7,10 +7,13 @@ Protocols
   uni999_domain  the target and 999 negatives from the items of the target's domain,
                  excluding the user's history
 Negatives are drawn from a generator seeded by the run seed, so a protocol is repeatable.
-The rank counts candidates with a strictly higher score, plus half the ties.
+The rank counts the other candidates with a strictly higher score, plus half of those tied
+with the target. Models trained with a cosine score (the in-batch losses, train.logits=cosine)
+are ranked by cosine.
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.batches import eval_batch, to_device
@@ -24,9 +27,10 @@ PROTOCOL_TEXT = {
 
 
 def _rank(scores, target_scores):
+    """0-based rank of the target among candidates `scores` that exclude the target itself."""
     higher = (scores > target_scores[:, None]).sum(dim=1).float()
-    ties = (scores == target_scores[:, None]).sum(dim=1).float() - 1.0
-    return higher + 0.5 * ties.clamp(min=0)
+    ties = (scores == target_scores[:, None]).sum(dim=1).float()
+    return higher + 0.5 * ties
 
 
 def sample_negatives(protocol, data, split, rows, rng):
@@ -52,19 +56,20 @@ def sample_negatives(protocol, data, split, rows, rng):
 
 @torch.no_grad()
 def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
-                 desc="eval"):
+                 hide_mask_domain=False, desc="eval"):
     """score_fn(batch, candidates) -> scores of the [B, n] candidate ids, or of every id
     ([B, num_items + 1], column 0 = padding) when candidates is None. Returns the ranks."""
     rng = np.random.default_rng(seed)
     ranks = []
     for lo in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, mininterval=1.0, disable=None):
         rows = np.arange(lo, min(lo + batch_size, len(split)))
-        batch = to_device(eval_batch(split, rows, max_len, arch, data.mask_id, data.num_domains),
+        batch = to_device(eval_batch(split, rows, max_len, arch, data.mask_id, hide_mask_domain),
                           device)
         if protocol == "full":
             scores = score_fn(batch, None).float()
             target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
             scores[:, 0] = -torch.inf  # padding is never a candidate
+            scores.scatter_(1, batch["targets"][:, None], -torch.inf)  # nor the target itself
         else:
             negatives = torch.from_numpy(sample_negatives(protocol, data, split, rows, rng)).to(device)
             # column 0 is the target: only the 1 + n candidates are scored
@@ -75,32 +80,47 @@ def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_
     return np.concatenate(ranks) if ranks else np.zeros(0)
 
 
-def model_scorer(model, amp_dtype=None):
+def uses_cosine(cfg):
+    """Whether the model was trained to score items by cosine similarity."""
+    return cfg.train.loss.startswith("inbatch") or cfg.train.logits == "cosine"
+
+
+def model_scorer(model, amp_dtype=None, cosine=False):
     def score(batch, candidates):
         with torch.autocast(batch["items"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             hidden, _ = model(batch["items"], batch["domains"], batch["seq_lens"])
             states = model.prediction_states(hidden, batch["seq_lens"]).float()
         weights = model.item_weights().float()
+        if cosine:
+            states, weights = F.normalize(states, dim=-1), F.normalize(weights, dim=-1)
         if candidates is None:
             return states @ weights.T
         return torch.einsum("bh,bnh->bn", states, weights[candidates])
     return score
 
 
-def popularity_scorer(popularity, device):
-    table = torch.as_tensor(popularity[: len(popularity) - 1], dtype=torch.float32, device=device)
+def table_scorer(table, device):
+    """Scores from a fixed table: [num_items + 1] for every row (most popular), or
+    [rows, num_items + 1] per evaluation row (the synthetic data's oracle)."""
+    table = torch.as_tensor(np.asarray(table, dtype=np.float32), device=device)
 
     def score(batch, candidates):
-        if candidates is None:
-            return table.repeat(batch["items"].shape[0], 1)
-        return table[candidates]
+        rows = table if table.dim() == 1 else table[batch["rows"]]
+        if table.dim() == 1:
+            rows = rows.expand(batch["items"].shape[0], -1)
+        return rows.clone() if candidates is None else rows.gather(1, candidates)
     return score
+
+
+def popularity_scorer(popularity, device):
+    return table_scorer(popularity[: len(popularity) - 1], device)
 
 
 def evaluate_split(score_fn, data, split, cfg, device, desc="eval"):
     """Metrics of one split under cfg.eval.protocol (negatives seeded by cfg.train.seed)."""
     ranks = target_ranks(score_fn, data, split, cfg.eval.protocol, cfg.eval.batch_size, device,
-                         cfg.train.seed, cfg.data.max_len, cfg.model.arch, desc)
+                         cfg.train.seed, cfg.data.max_len, cfg.model.arch,
+                         cfg.data.mask_domain == "hidden", desc)
     ks = list(cfg.eval.ks)
     return metrics_by_domain(ranks, split.target_domains, data.domain_tokens, ks)
 

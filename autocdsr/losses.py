@@ -2,16 +2,25 @@
 
 full: softmax cross-entropy over every item, in row chunks recomputed in the backward
       (activation checkpointing), so peak memory is chunk x num_items, not rows x num_items.
-inbatch: the AutoCDSR code's contrastive loss: cosine similarity to the batch's target
-      embeddings, temperature 0.1, the other targets as negatives.
 sampled: softmax over the target and `num_negatives` uniformly sampled items (shared by the
       batch); a sampled negative equal to the target is masked out.
+inbatch: contrastive over the batch's target embeddings, cosine / tau (tau = 0.1), a proper
+      softmax in which positions sharing the row's target are left out of the negatives.
+inbatch_official: the official AutoCDSR code's in-batch loss, exactly: numerator
+      exp(s_ii / tau); in the denominator every entry whose label equals the row's label (the
+      diagonal included) enters as exp(0) = 1, the others as exp(s_ij / tau).
+
+full and sampled score with `logits`: "dot" (h . e) or "cosine" (cos(h, e) / temperature,
+the paper's r(x) = cos(Emb(x), h)).
 """
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 FULL_CHUNK_ELEMENTS = 1 << 26  # rows x items per chunk (256 MiB of fp32 logits)
+INBATCH_TAU = 0.1
+LOSSES = ("full", "sampled", "inbatch", "inbatch_official")
+LOGITS = ("dot", "cosine")
 
 
 def _ce_chunk(states, weights, targets):
@@ -31,14 +40,24 @@ def full_softmax_loss(states, weights, targets):
     return total / max(1, states.shape[0])
 
 
-def inbatch_loss(states, weights, targets, temperature=0.1):
-    target_vectors = F.normalize(weights[targets], dim=-1)
-    logits = F.normalize(states, dim=-1) @ target_vectors.T / temperature
+def _cosine_logits(states, target_vectors):
+    return F.normalize(states, dim=-1) @ F.normalize(target_vectors, dim=-1).T / INBATCH_TAU
+
+
+def inbatch_loss(states, weights, targets):
+    logits = _cosine_logits(states, weights[targets]).float()
     # Positions sharing a target item are not each other's negatives.
     same = targets[:, None] == targets[None, :]
     eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
-    logits = logits.float().masked_fill(same & ~eye, float("-inf"))
+    logits = logits.masked_fill(same & ~eye, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(targets), device=targets.device))
+
+
+def inbatch_official_loss(states, weights, targets):
+    logits = _cosine_logits(states, weights[targets]).float()
+    same = targets[:, None] == targets[None, :]
+    denominator = torch.logsumexp(logits.masked_fill(same, 0.0), dim=1)
+    return (denominator - logits.diagonal()).mean()
 
 
 def sampled_softmax_loss(states, weights, targets, num_negatives, generator=None):
@@ -51,15 +70,23 @@ def sampled_softmax_loss(states, weights, targets, num_negatives, generator=None
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
 
-def recommendation_loss(kind, hidden, weights, targets, num_negatives=1000):
+def recommendation_loss(kind, hidden, weights, targets, num_negatives=1000, logits="dot",
+                        temperature=1.0):
     """hidden [B, L, H], targets [B, L] (0 = no target); weights = item table [V, H]."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
     keep = targets.reshape(-1) != 0
     states = hidden.reshape(-1, hidden.shape[-1])[keep]
     targets = targets.reshape(-1)[keep]
-    if kind == "full":
-        return full_softmax_loss(states, weights, targets)
     if kind == "inbatch":
         return inbatch_loss(states, weights, targets)
-    if kind == "sampled":
-        return sampled_softmax_loss(states, weights, targets, num_negatives)
-    raise ValueError(f"loss must be full, inbatch or sampled, got {kind!r}")
+    if kind == "inbatch_official":
+        return inbatch_official_loss(states, weights, targets)
+    if logits == "cosine":
+        states = F.normalize(states, dim=-1) / temperature
+        weights = F.normalize(weights, dim=-1)
+    if kind == "full":
+        return full_softmax_loss(states, weights, targets)
+    return sampled_softmax_loss(states, weights, targets, num_negatives)

@@ -17,8 +17,9 @@ from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .config import to_yaml
 from .data.batches import bert4rec_train_batch, sasrec_train_batch, to_device
 from .data.dataset import load_dataset, build_leave_one_out
-from .data.synthetic import generate
-from .evaluate import evaluate_split, format_table, model_scorer, popularity_scorer
+from .data.synthetic import generate, oracle_table
+from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
+                       table_scorer, uses_cosine)
 from .losses import recommendation_loss
 from .models import Recommender
 from .objectives import BalancedStep, cross_domain_loss
@@ -41,19 +42,19 @@ def seed_everything(seed):
 
 
 def load_data(cfg):
+    """The dataset, and the synthetic generator's oracle state (None for real data)."""
     if not cfg.data.path:
-        return build_leave_one_out(generate(cfg.data.synthetic_users, seed=cfg.train.seed),
-                                   "synthetic")
-    return load_dataset(cfg.data.path, cfg.data.name, cfg.data.split)
+        frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed)
+        return build_leave_one_out(frame, "synthetic"), frame["oracle"]
+    return load_dataset(cfg.data.path, cfg.data.name, cfg.data.split), None
 
 
 def build_model(cfg, data):
-    return Recommender(
-        cfg.model.arch, data.num_items, data.num_domains, cfg.data.max_len,
-        hidden=cfg.model.hidden, heads=cfg.model.heads, layers=cfg.model.layers,
-        dropout=cfg.model.dropout, backend=cfg.attention.backend,
-        bottleneck_tokens=cfg.model.bottleneck_tokens if cfg.objective == "autocdsr_plus" else 0,
-        bottleneck_layers=cfg.model.bottleneck_layers)
+    model_cfg = cfg.model.copy()
+    if cfg.objective != "autocdsr_plus":
+        model_cfg.bottleneck_tokens = 0
+    return Recommender(model_cfg, data.num_items, data.num_domains, cfg.data.max_len,
+                       backend=cfg.attention.backend, mask_domain=cfg.data.mask_domain)
 
 
 def environment_record():
@@ -81,7 +82,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed)
         t0 = time.perf_counter()
-        self.data = data if data is not None else load_data(cfg)
+        self.data, self.oracle = (data, None) if data is not None else load_data(cfg)
         self.load_seconds = time.perf_counter() - t0
         if len(self.data.train) < 1:
             raise ValueError("no training sequences")
@@ -146,8 +147,8 @@ class Trainer:
             batch = sasrec_train_batch(data.train, rows, cfg.data.max_len)
         else:
             rng = np.random.default_rng([cfg.train.seed, epoch, index])  # resumable masking
-            batch = bert4rec_train_batch(data.train, rows, cfg.data.max_len, data.mask_id,
-                                         self.model.mask_domain, cfg.data.mask_prob, rng)
+            batch = bert4rec_train_batch(data.train, rows, cfg.data.max_len, self.model.mask_item,
+                                         self.model.hide_mask_domain, cfg.data.mask_prob, rng)
         return to_device(batch, self.device)
 
     def _losses(self, batch):
@@ -155,9 +156,10 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             hidden, masses = self.model(batch["items"], batch["domains"], batch["seq_lens"])
             loss_rec = recommendation_loss(cfg.train.loss, hidden, self.model.item_weights(),
-                                           batch["targets"], cfg.train.num_negatives)
-        loss_cd = cross_domain_loss(masses, self.model.mass_layers(),  # mass is float32
-                                    batch["domains"])
+                                           batch["targets"], cfg.train.num_negatives,
+                                           cfg.train.logits, cfg.train.temperature)
+        loss_cd = cross_domain_loss(self.model.objective_masses(masses),  # mass is float32
+                                    self.model.cd_query_mask(batch["domains"]))
         return loss_rec.float(), loss_cd
 
     def train_step(self, batch):
@@ -206,8 +208,8 @@ class Trainer:
 
     def evaluate(self, split, desc):
         self.model.eval()
-        return evaluate_split(model_scorer(self.model, self.amp_dtype), self.data, split,
-                              self.cfg, self.device, desc)
+        scorer = model_scorer(self.model, self.amp_dtype, uses_cosine(self.cfg))
+        return evaluate_split(scorer, self.data, split, self.cfg, self.device, desc)
 
     def fit(self):
         cfg = self.cfg
@@ -275,7 +277,14 @@ class Trainer:
         popular = evaluate_split(popularity_scorer(self.data.popularity, self.device), self.data,
                                  self.data.test, cfg, self.device, "mostpop")
         ks = list(cfg.eval.ks)
-        for title, result in (("valid", valid), ("test", test), ("test, MostPop baseline", popular)):
+        tables = [("valid", valid), ("test", test), ("test, MostPop baseline", popular)]
+        oracle = None
+        if self.oracle is not None:
+            table = oracle_table(self.data, self.data.test, self.oracle, "test")
+            oracle = evaluate_split(table_scorer(table, self.device), self.data, self.data.test,
+                                    cfg, self.device, "oracle")
+            tables.append(("test, the generator's oracle", oracle))
+        for title, result in tables:
             log.info("\n%s", format_table(f"{self.data.name} {cfg.model.arch} {cfg.objective} | {title}",
                                            cfg.eval.protocol, result, ks))
         metrics = {"protocol": cfg.eval.protocol, "seed": cfg.train.seed,
@@ -284,6 +293,7 @@ class Trainer:
                    "max_len": cfg.data.max_len, "device": str(self.device),
                    "load_seconds": self.load_seconds, "best_epoch": self.best_epoch,
                    "valid": valid, "test": test, "baseline_mostpop_test": popular,
+                   "oracle_test": oracle,
                    "history": self.history}
         write_text_atomic(json.dumps(metrics, indent=1), os.path.join(cfg.run_dir, "metrics.json"))
         return metrics

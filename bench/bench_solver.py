@@ -9,7 +9,7 @@ import torch
 
 from bench.timing import quantiles, wall_times_ms
 from kernels import pareto
-from kernels import reference as host
+from kernels import reference_pareto as host
 
 
 def _gradients(device, sizes, seed=0):

@@ -14,11 +14,12 @@ import os
 
 import torch
 
+from autocdsr.config import ModelConfig
 from autocdsr.losses import recommendation_loss
 from autocdsr.models import Recommender
 from autocdsr.objectives import BalancedStep, cross_domain_loss
 from bench.timing import quantiles, wall_times_ms
-from kernels import reference as host_solver
+from kernels import reference_pareto as host_solver
 
 FULL = dict(batch=128, length=200, items=20000, hidden=64, heads=2, layers=2, steps=20)
 QUICK = dict(batch=16, length=40, items=2000, hidden=32, heads=2, layers=2, steps=4)
@@ -43,7 +44,8 @@ def make_batch(arch, size, device, seed=0):
 def paper_style_backward(model, loss_rec, loss_cd):
     """The AutoCDSR code's pareto_optimization_loop_: three backward passes, flattened
     concatenated gradients, host solver."""
-    named = [(n, p) for n, p in model.named_parameters() if n != "encoder.item_embedding.weight"]
+    table = model.item_embedding.weight
+    named = [(n, p) for n, p in model.named_parameters() if p is not table]
     loss_cd.backward(retain_graph=True)
     members = {n for n, p in named if p.grad is not None}
     g_cd = torch.cat([p.grad.clone().flatten() for n, p in named if n in members])
@@ -72,7 +74,8 @@ def step_fn(model, optimizer, batch, objective, loss_kind):
         optimizer.zero_grad(set_to_none=True)
         hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"])
         loss_rec = recommendation_loss(loss_kind, hidden, model.item_weights(), batch["targets"])
-        loss_cd = cross_domain_loss(masses, model.mass_layers(), batch["domains"])
+        loss_cd = cross_domain_loss(model.objective_masses(masses),
+                                    model.cd_query_mask(batch["domains"]))
         if balanced is None:
             paper_style_backward(model, loss_rec, loss_cd)
         else:
@@ -100,10 +103,11 @@ def run(device, size, backends, loss_kind="full", log=print):
     for backend in backends:
         for arch, objective in cases:
             torch.manual_seed(0)
-            model = Recommender(arch, size["items"], 4, size["length"], hidden=size["hidden"],
-                                heads=size["heads"], layers=size["layers"], dropout=0.0,
-                                backend=backend,
-                                bottleneck_tokens=4 if objective == "autocdsr_plus" else 0).to(device)
+            model_cfg = ModelConfig(arch=arch, hidden=size["hidden"], heads=size["heads"],
+                                    layers=size["layers"], dropout=0.0,
+                                    bottleneck_tokens=4 if objective == "autocdsr_plus" else 0)
+            model = Recommender(model_cfg, size["items"], 4, size["length"],
+                                backend=backend).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             batch = make_batch(arch, size, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -1,14 +1,16 @@
-"""Base vs AutoCDSR vs AutoCDSR+ on one dataset, several seeds, one table.
+"""The objective study: base, AutoCDSR (pareto), AutoCDSR+, fixed lambda (the paper's
+static-weight ablation), mgda; several seeds; each run trained with early stopping on the
+validation metric (patience long enough that a noisy curve does not stop one twin early);
+then one table per backbone (autocdsr compare: mean ± std, paired t-test against base), the
+attention-mass matrices before/after (autocdsr analyze) and the lambda / cosine trajectories.
 
-    python -m bench.compare_objectives --out bench/results/synthetic --seeds 0 1 2
-    python -m bench.compare_objectives --out DIR --seeds 0 \\
-        --set data.path=../shared/data/kuairand1k data.split=files data.max_len=200 \\
-              train.loss=sampled eval.protocol=uni100_vocab train.epochs=3
+    python -m bench.compare_objectives --out bench/results/study-synthetic --seeds 0 1 2
+    python -m bench.compare_objectives --out DIR --variants bert4rec/base bert4rec/autocdsr \\
+        --set data.path=../shared/data/kuairand1k data.split=files train.loss=inbatch_official \\
+              eval.protocol=uni100_vocab
 
-Each run is a normal training run (its own run directory under OUT/runs; one that already
-has a metrics.json is reused, not retrained); the summary gives
-mean and spread (population std) over seeds of HR@10 / NDCG@10 overall and per target domain,
-the final cross-domain mass L_cd, lambda in the first and last epoch, and seconds per step.
+A run directory that already has metrics.json is reused, not retrained, so the study can be
+stopped and restarted, and seeds added later.
 """
 import argparse
 import json
@@ -16,81 +18,92 @@ import os
 
 import numpy as np
 
+from autocdsr.analyze import analyze, plot_trajectory
+from autocdsr.compare import compare
 from autocdsr.config import load_config
 from autocdsr.train import train
 
 VARIANTS = {
     "sasrec/base": ["model.arch=sasrec", "objective=base"],
     "sasrec/autocdsr": ["model.arch=sasrec", "objective=autocdsr"],
+    "sasrec/fixed0.1": ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=0.1"],
+    "sasrec/fixed0.5": ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=0.5"],
+    "sasrec/fixed1.0": ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=1.0"],
+    "sasrec/mgda": ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=mgda"],
     "bert4rec/base": ["model.arch=bert4rec", "objective=base"],
     "bert4rec/autocdsr": ["model.arch=bert4rec", "objective=autocdsr"],
     "bert4rec/autocdsr_plus": ["model.arch=bert4rec", "objective=autocdsr_plus"],
+    "bert4rec/fixed0.1": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=0.1"],
+    "bert4rec/fixed0.5": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=0.5"],
+    "bert4rec/fixed1.0": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=1.0"],
+    "bert4rec/mgda": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=mgda"],
 }
+STUDY_DEFAULTS = ["train.epochs=40", "train.patience=8"]
 
 
-def summarize(results, ks=(10,)):
-    rows = []
-    for name, runs in results.items():
-        row = {"variant": name, "seeds": [r["seed"] for r in runs]}
-        for key in [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks]:
-            values = [r["test"]["overall"][key] for r in runs]
-            row[key] = (float(np.mean(values)), float(np.std(values)))
-            domains = sorted({d for r in runs for d in r["test"]["per_domain"]})
-            for d in domains:
-                v = [r["test"]["per_domain"][d][key] for r in runs if d in r["test"]["per_domain"]]
-                row[f"{key}[{d}]"] = (float(np.mean(v)), float(np.std(v)))
-        row["L_cd"] = float(np.mean([r["history"][-1]["cd_mass"] for r in runs]))
-        row["lambda_first"] = float(np.mean([r["history"][0]["lambda"] for r in runs]))
-        row["lambda_last"] = float(np.mean([r["history"][-1]["lambda"] for r in runs]))
-        row["ms_per_step"] = 1000 * float(np.mean([np.mean([h["seconds_per_step"] for h in r["history"]])
-                                                   for r in runs]))
-        rows.append(row)
-    return rows
+def run_dir_of(out, name, seed):
+    return os.path.join(out, "runs", name.replace("/", "_"), f"seed{seed}")
 
 
-def markdown(rows, protocol, settings):
-    metric_keys = [k for k in rows[0] if k.startswith(("HR@", "NDCG@"))]
-    lines = [f"Protocol: {protocol}. Settings: {' '.join(settings) or 'defaults'}. "
-             "Test split, mean ± std over seeds; [d] = target domain d.", "",
-             "| variant | seeds | " + " | ".join(metric_keys) +
-             " | L_cd (last epoch) | lambda first → last | ms/step |",
-             "|" + "---|" * (len(metric_keys) + 5)]
-    for r in rows:
-        cells = [f"{r[k][0]:.4f} ± {r[k][1]:.4f}" for k in metric_keys]
-        lines.append(f"| {r['variant']} | {len(r['seeds'])} | " + " | ".join(cells) +
-                     f" | {r['L_cd']:.4f} | {r['lambda_first']:+.3f} → {r['lambda_last']:+.3f} | "
-                     f"{r['ms_per_step']:.0f} |")
-    return "\n".join(lines)
+def run_variant(out, name, seed, settings):
+    run_dir = run_dir_of(out, name, seed)
+    if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+        cfg = load_config(None, STUDY_DEFAULTS + VARIANTS[name] + settings +
+                          [f"train.seed={seed}", f"run_dir={run_dir}"])
+        train(cfg)
+    return run_dir
+
+
+def mean_trajectory(run_dirs):
+    """Per-epoch mean over seeds (up to the shortest run) of the history entries."""
+    histories = []
+    for d in run_dirs:
+        with open(os.path.join(d, "metrics.json")) as f:
+            histories.append(json.load(f)["history"])
+    n = min(len(h) for h in histories)
+    mean = []
+    for e in range(n):
+        rows = [h[e] for h in histories]
+        entry = {k: float(np.mean([r[k] for r in rows]))
+                 for k in ("lambda", "cosine", "cd_mass", "train_loss")}
+        entry["epoch"] = e + 1
+        entry["valid"] = {k: float(np.mean([r["valid"][k] for r in rows])) for k in rows[0]["valid"]}
+        mean.append(entry)
+    return mean
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], help="key=value for every run")
+    parser.add_argument("--no-analysis", action="store_true")
     args = parser.parse_args(argv)
-    results, protocol = {}, None
-    for name in args.variants:
-        for seed in args.seeds:
-            run_dir = os.path.join(args.out, "runs", name.replace("/", "_"), f"seed{seed}")
-            done = os.path.join(run_dir, "metrics.json")
-            if os.path.exists(done):  # finished earlier (e.g. run by hand): reuse it
-                with open(done) as f:
-                    metrics = json.load(f)
-            else:
-                cfg = load_config(None, VARIANTS[name] + args.set + [f"train.seed={seed}",
-                                                                     f"run_dir={run_dir}"])
-                metrics = train(cfg)
-            protocol = metrics["protocol"]
-            results.setdefault(name, []).append(metrics)
-    rows = summarize(results)
-    table = markdown(rows, protocol, args.set)
-    print(table)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    runs = {name: [run_variant(args.out, name, s, args.set) for s in args.seeds]
+            for name in args.variants}
+    settings = STUDY_DEFAULTS + args.set
+    report = [f"Settings for every run: {' '.join(settings)}; seeds {args.seeds}.", ""]
+    for arch in ("sasrec", "bert4rec"):
+        names = [n for n in args.variants if n.startswith(arch + "/")]
+        if not names:
+            continue
+        dirs = [d for n in names for d in runs[n]]
+        text, _ = compare(dirs, out=os.path.join(args.out, arch))
+        report += [f"## {arch}", "", text, ""]
+        plot_trajectory([(n, mean_trajectory(runs[n])) for n in names],
+                        os.path.join(args.out, f"{arch}_trajectory.png"))
+        base = f"{arch}/base"
+        if not args.no_analysis and base in runs:
+            against = [runs[n][0] for n in names if n != base]
+            analyze(runs[base][0], against)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
+        f.write("\n".join(report))
+    print("\n".join(report))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """GPU kernels for cross-domain attention and the Pareto solver, with PyTorch references."""
 from .attention import cross_domain_attention, fused_attention, triton_available
+from .masks import WILDCARD_DOMAIN
 from .reference import reference_attention
 from .sdpa import sdpa_attention
 
-__all__ = ["cross_domain_attention", "fused_attention", "reference_attention",
-           "sdpa_attention", "triton_available"]
+__all__ = ["WILDCARD_DOMAIN", "cross_domain_attention", "fused_attention",
+           "reference_attention", "sdpa_attention", "triton_available"]

@@ -1,5 +1,5 @@
 """Fused Triton attention + cross-domain mass (forward and backward), the autograd Function,
-and the backend dispatch `cross_domain_attention` (DESIGN §3).
+and the backend dispatch `cross_domain_attention`.
 
 Forward: one online-softmax pass; the mass is accumulated beside the row sum
 (mass_acc = mass_acc * alpha + sum_j p_ij c_ij), so it costs one FMA per score.
@@ -7,6 +7,7 @@ Backward: with g = dL/dmass, dS = P * (dO.V^T + g c - (Delta + g mass)), so the 
 per-row scalar to the usual preprocess and one FMA per score; dK/dV and dQ run as two kernels
 that recompute P (deterministic; no atomics).
 """
+import functools
 import math
 import os
 
@@ -14,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .masks import WILDCARD_DOMAIN
 from .validation import check_attention_inputs
 
+WILDCARD = tl.constexpr(WILDCARD_DOMAIN)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -35,13 +38,15 @@ def _pair_masks(q_pos, k_pos, dom_q, dom_k, seq_len, num_bottleneck,
     allowed = (dom_q >= 0) & (q_pos < seq_len) & (dom_k >= 0) & (k_pos < seq_len)
     if CAUSAL:
         allowed = allowed & (k_pos <= q_pos)
+    # A wildcard (hidden-domain [MASK]) token matches every domain.
+    same = (dom_q == dom_k) | (dom_q == WILDCARD) | (dom_k == WILDCARD)
     if BOTTLENECK:
         query_is_ib = q_pos < num_bottleneck
         key_is_ib = k_pos < num_bottleneck
-        allowed = allowed & (query_is_ib | key_is_ib | (dom_q == dom_k))
+        allowed = allowed & (query_is_ib | key_is_ib | same)
         cross = key_is_ib & (q_pos >= num_bottleneck)
     else:
-        cross = dom_q != dom_k
+        cross = ~same
     return allowed, cross
 
 
@@ -417,8 +422,16 @@ def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_len
 
 
 def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
-                           scale=None, backend="auto"):
-    """Masked attention and the cross-domain attention mass (DESIGN §3).
+                           scale=None, backend="auto", num_domains=None):
+    """Masked attention and the cross-domain attention mass.
+
+    q, k, v: [B, H, L, D]; domains: [B, L] integers (< 0 padding, WILDCARD_DOMAIN a token
+    that matches every domain). Key j is allowed for query i when both are real tokens, j <= i
+    if causal, and with num_bottleneck > 0 when i or j is a bottleneck token or their domains
+    match. mass[b,h,i] = sum_j P[b,h,i,j] c[i,j] with c = "different domains, neither a
+    wildcard" (plain mode) or "j a bottleneck token, i not" (bottleneck mode).
+    num_domains (optional): ids lie in 0..num_domains - 1; lets the sdpa backend size its
+    columns without reading the ids on the host.
 
     Returns (out [B, H, L, D] in q.dtype, mass [B, H, L] float32).
     """
@@ -431,7 +444,8 @@ def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, 
     if backend == "triton":
         fn = fused_attention
     elif backend == "sdpa":
-        from .sdpa import sdpa_attention as fn
+        from .sdpa import sdpa_attention
+        fn = functools.partial(sdpa_attention, num_domains=num_domains)
     else:
         from .reference import reference_attention as fn
     return fn(q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,

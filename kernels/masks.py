@@ -1,5 +1,13 @@
-"""The masking rules of DESIGN §3 as dense [B, L, L] tensors (used by the PyTorch backends)."""
+"""The masking rules of the attention op as dense [B, L, L] tensors (used by the PyTorch
+backends; the Triton kernels apply the same rules per tile).
+
+Domain ids: a value < 0 is padding; WILDCARD_DOMAIN marks a token whose domain is hidden
+(a BERT4Rec [MASK] under `data.mask_domain=hidden`): it may attend and be attended by every
+token, and a pair that involves it never counts as cross-domain.
+"""
 import torch
+
+WILDCARD_DOMAIN = 2**31 - 1  # the largest int32: the kernels read domain ids as int32
 
 
 def padding_mask(domains, seq_lens=None):
@@ -23,7 +31,9 @@ def allowed_and_cross(domains, *, causal=False, num_bottleneck=0, seq_lens=None)
     positions = torch.arange(length, device=domains.device)
     if causal:
         allowed = allowed & (positions[None, :, None] >= positions[None, None, :])
-    same_domain = domains[:, :, None] == domains[:, None, :]
+    wild = domains == WILDCARD_DOMAIN
+    either_wild = wild[:, :, None] | wild[:, None, :]
+    same_domain = (domains[:, :, None] == domains[:, None, :]) | either_wild
     if num_bottleneck > 0:
         query_is_ib = positions[None, :, None] < num_bottleneck
         key_is_ib = positions[None, None, :] < num_bottleneck

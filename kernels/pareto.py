@@ -1,4 +1,4 @@
-"""On-device Gram matrix and Pareto solver for the balanced AutoCDSR step (DESIGN §4).
+"""On-device Gram matrix and Pareto solver for the balanced AutoCDSR step.
 
 Everything is tensor ops on the gradients' device: no .item(), no host branch on a value, so
 the step can be captured by torch.compile(fullgraph=True) or a CUDA graph.
@@ -8,16 +8,21 @@ gradients and the active constraint directions r . (g_cd, g_rec). All of them li
 spanned by the two gradients, and their hull never contains the origin unless the gradients
 are parallel, so the minimum lies on an edge: the best two-point combination over all pairs
 is exact, with no iterations. The two-point formula is the paper code's (including its
-0.999 / 0.001 clipping at the vertices), so the result matches kernels.reference.
+0.999 / 0.001 clipping at the vertices), so the result matches kernels.reference_pareto.
 """
 import functools
 import itertools
 
 import torch
 
-from .reference import CURRENT_PREFERENCE, PREFERENCE_VECTORS
-
+# The ParetoMTL preference vectors over the (cd, rec) losses and the current one, as in the
+# official AutoCDSR code (kernels.reference_pareto keeps its own copy: the oracle shares nothing).
+PREFERENCE_VECTORS = ((0.0, 1.0), (1.0, 0.0), (0.7071, 0.7071))
+CURRENT_PREFERENCE = 1
 MAX_TASK_VECTORS = 8
+# mgda: alpha (the weight on g_rec) = 0 means the cd gradient alone is the min-norm point and
+# lambda = (1 - alpha) / alpha would be infinite; alpha is floored so lambda <= this.
+MGDA_MAX_LAMBDA = 10.0
 
 
 def _squared_norms(tensors):
@@ -138,7 +143,8 @@ def pareto_lambda(gram, losses, mode="pareto"):
 
     gram: [..., 2, 2] Gram matrix of the unnormalised (cd, rec) gradients; losses: [..., 2]
     (L_cd, L_rec). Leading dimensions batch independent problems. Where the inputs are
-    degenerate (a zero gradient, parallel gradients, NaN / inf), lam = 0 and ok = False.
+    degenerate (a zero gradient, NaN / inf), lam = 0 and ok = False: the caller then steps on
+    g_rec alone. mgda's lambda is at most MGDA_MAX_LAMBDA (alpha floored, ok stays True).
     """
     if mode == "pareto":
         w_cd, w_rec = pareto_weights(gram, losses).unbind(-1)
@@ -146,7 +152,7 @@ def pareto_lambda(gram, losses, mode="pareto"):
     elif mode == "mgda":
         gram = gram.double()
         g_cc, g_rc, g_rr = gram[..., 0, 0], gram[..., 1, 0], gram[..., 1, 1]
-        alpha = ((g_cc - g_rc) / (g_rr + g_cc - 2 * g_rc)).clamp(0.0, 1.0)
+        alpha = ((g_cc - g_rc) / (g_rr + g_cc - 2 * g_rc)).clamp(1.0 / (1.0 + MGDA_MAX_LAMBDA), 1.0)
         lam = (1 - alpha) / alpha
     else:
         raise ValueError(f"mode must be 'pareto' or 'mgda', got {mode!r}")

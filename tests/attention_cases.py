@@ -1,10 +1,12 @@
 """Random inputs for the attention tests: odd lengths, padding in the middle and at the end,
-rows with no allowed key, rows with no cross-domain key."""
+rows with no allowed key, rows with no cross-domain key, wildcard ([MASK]) tokens."""
 import torch
+
+from kernels import WILDCARD_DOMAIN
 
 
 def make_inputs(batch, heads, length, head_dim, dtype, device, *, num_domains=3, seed=0,
-                padding=True):
+                padding=True, wildcards=True):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen).to(device=device, dtype=dtype)
                for _ in range(3))
@@ -19,6 +21,9 @@ def make_inputs(batch, heads, length, head_dim, dtype, device, *, num_domains=3,
     if batch > 2:
         domains[2] = -1                              # an all-padding row: zeros, no NaN
         seq_lens[2] = 0
+    if wildcards and length > 4:
+        domains[0, 1] = WILDCARD_DOMAIN              # hidden-domain [MASK] tokens
+        domains[-1, 3] = WILDCARD_DOMAIN
     return q, k, v, domains.to(device), seq_lens.to(device)
 
 

@@ -10,6 +10,7 @@ from autocdsr.data.batches import bert4rec_train_batch, eval_batch, sasrec_train
 from autocdsr.data.dataset import build_leave_one_out, load_dataset
 from autocdsr.data.reader import DataError, read_inter
 from autocdsr.data.synthetic import generate
+from kernels import WILDCARD_DOMAIN
 
 HEADER = "user_id:token\titem_id:token\tdomain:token\ttimestamp:float\n"
 
@@ -93,13 +94,22 @@ def test_batches_truncate_to_most_recent_and_pad_right():
     assert batch["items"][0].tolist() == items[-11:-1].tolist()
     assert batch["targets"][0].tolist() == items[-10:].tolist()
     rng = np.random.default_rng(0)
-    cloze = bert4rec_train_batch(data.train, [0, 1], 10, data.mask_id, data.num_domains, 0.15, rng)
-    masked = cloze["items"] == data.mask_id
-    assert masked.any(dim=1).all()                             # at least one mask per row
-    assert (cloze["targets"][masked] != 0).all() and (cloze["targets"][~masked] == 0).all()
-    assert (cloze["domains"][masked] == data.num_domains).all()  # the hidden domain is not shown
-    ev = eval_batch(data.test, [0], 10, "bert4rec", data.mask_id, data.num_domains)
-    assert ev["items"][0, -1] == data.mask_id and ev["seq_lens"][0] == 10
+    for hide in (False, True):
+        rng = np.random.default_rng(0)
+        cloze = bert4rec_train_batch(data.train, [0, 1], 10, data.mask_id, hide, 0.15, rng)
+        masked = cloze["items"] == data.mask_id
+        assert masked.any(dim=1).all()                         # at least one mask per row
+        assert (cloze["targets"][masked] != 0).all() and (cloze["targets"][~masked] == 0).all()
+        truth = np.stack([data.train.row(r)[1][-10:] for r in (0, 1)])
+        if hide:   # a hidden-domain [MASK] is a wildcard, never a domain of its own
+            assert (cloze["domains"][masked] == WILDCARD_DOMAIN).all()
+        else:      # a [MASK] keeps the masked item's domain
+            assert (cloze["domains"].numpy() == truth).all()
+        assert (cloze["domains"][~masked].numpy() == truth[~masked.numpy()]).all()
+        ev = eval_batch(data.test, [0, 1], 10, "bert4rec", data.mask_id, hide)
+        assert (ev["items"][:, -1] == data.mask_id).all() and (ev["seq_lens"] == 10).all()
+        want = WILDCARD_DOMAIN if hide else data.test.target_domains[[0, 1]]
+        assert (ev["domains"][:, -1].numpy() == want).all()  # the appended [MASK]'s domain
 
 
 @settings(max_examples=30, deadline=None)

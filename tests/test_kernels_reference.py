@@ -1,4 +1,5 @@
 """The PyTorch backends against a direct per-row formula, and input validation."""
+import functools
 import math
 
 import pytest
@@ -12,8 +13,11 @@ from .attention_cases import make_inputs, with_grads
 
 
 def direct_formula(q, k, v, domains, causal, nb, seq_lens):
-    """Row by row, straight from DESIGN §3 (no masking tricks)."""
+    """Row by row, straight from the op's contract (no masking tricks)."""
     batch, heads, length, head_dim = q.shape
+    W = kernels.WILDCARD_DOMAIN
+    same = lambda b, i, j: bool(domains[b, i] == domains[b, j] or domains[b, i] == W
+                                or domains[b, j] == W)
     out = torch.zeros_like(q, dtype=torch.float64)
     mass = torch.zeros(batch, heads, length, dtype=torch.float64)
     for b in range(batch):
@@ -22,22 +26,26 @@ def direct_formula(q, k, v, domains, causal, nb, seq_lens):
             if not valid[i]:
                 continue
             keys = [j for j in range(length) if valid[j] and (not causal or j <= i)
-                    and (nb == 0 or i < nb or j < nb or domains[b, i] == domains[b, j])]
+                    and (nb == 0 or i < nb or j < nb or same(b, i, j))]
             if not keys:
                 continue
             for h in range(heads):
                 s = torch.stack([q[b, h, i].double() @ k[b, h, j].double() for j in keys])
                 p = torch.softmax(s / math.sqrt(head_dim), dim=0)
                 out[b, h, i] = sum(p[n] * v[b, h, j].double() for n, j in enumerate(keys))
-                cross = [(j < nb <= i) if nb else bool(domains[b, i] != domains[b, j]) for j in keys]
+                cross = [(j < nb <= i) if nb else not same(b, i, j) for j in keys]
                 mass[b, h, i] = sum(p[n] for n, c in enumerate(cross) if c)
     return out, mass
 
 
+SDPA_KNOWN_DOMAINS = functools.partial(sdpa_attention, num_domains=3)
+
+
 @pytest.mark.parametrize("causal,nb", [(False, 0), (True, 0), (False, 2), (True, 2)])
-@pytest.mark.parametrize("fn", [reference_attention, sdpa_attention])
+@pytest.mark.parametrize("fn", [reference_attention, sdpa_attention, SDPA_KNOWN_DOMAINS])
 def test_against_direct_formula(fn, causal, nb):
     q, k, v, domains, seq_lens = make_inputs(4, 2, 9, 16, torch.float64, "cpu")
+    assert (domains == kernels.WILDCARD_DOMAIN).any()
     out, mass = fn(q, k, v, domains, causal=causal, num_bottleneck=nb, seq_lens=seq_lens)
     exp_out, exp_mass = direct_formula(q, k, v, domains, causal, nb, seq_lens)
     assert torch.allclose(out.double(), exp_out, atol=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import pareto
-from kernels import reference as ref
+from kernels import reference_pareto as ref
 
 
 def _random_problem(rng, trial):
@@ -43,7 +43,7 @@ def test_device_solver_matches_reference_on_1000_problems(mode):
 
 
 def test_both_constraints_active_closed_form():
-    """With both constraints active, lambda = (1 - 2c) / (2 - c) (DESIGN §4)."""
+    """With both constraints active, lambda = (1 - 2c) / (2 - c)."""
     for c in (-0.9, -0.3, 0.0, 0.2, 0.45):
         gram = torch.tensor([[1.0, c], [c, 1.0]], dtype=torch.float64)
         lam, ok = pareto.pareto_lambda(gram, torch.tensor([0.5, 2.0], dtype=torch.float64))
@@ -90,10 +90,12 @@ def test_gram_and_solver_compile_fullgraph():
 
 
 def _tiny_model_and_losses(device, seed=0):
+    from autocdsr.config import ModelConfig
     from autocdsr.models import Recommender
     from autocdsr.objectives import cross_domain_loss
     torch.manual_seed(seed)
-    model = Recommender("sasrec", 30, 3, 12, hidden=32, heads=2, layers=2, dropout=0.0,
+    cfg = ModelConfig(arch="sasrec", hidden=32, heads=2, layers=2, dropout=0.0)
+    model = Recommender(cfg, 30, 3, 12,
                         backend="sdpa" if device == "cpu" else "triton").to(device)
     items = torch.randint(1, 31, (4, 12), device=device)
     domains = torch.randint(0, 3, (4, 12), device=device)
@@ -104,7 +106,8 @@ def _tiny_model_and_losses(device, seed=0):
     def losses():
         hidden, masses = model(items, domains, seq_lens)
         loss_rec = (hidden.float() @ model.item_weights().float().T).logsumexp(-1).mean()
-        return loss_rec, cross_domain_loss(masses, model.mass_layers(), domains)
+        return loss_rec, cross_domain_loss(model.objective_masses(masses),
+                                           model.cd_query_mask(domains))
     return model, losses
 
 

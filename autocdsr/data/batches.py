@@ -1,9 +1,16 @@
 """Batching: truncation to max_len (most recent events), right padding with seq_lens,
-SASRec next-item targets and BERT4Rec cloze masking. Domain id -1 marks padding; the
-[MASK] token carries its own domain id (num_domains), so the hidden item's domain does not
-leak either."""
+SASRec next-item targets and BERT4Rec cloze masking. Domain id -1 marks padding.
+
+A [MASK] replaces only the item id: it keeps the masked item's domain (and the [MASK]
+appended at evaluation carries the target's domain), as the official AutoCDSR code does.
+With hide_mask_domain the [MASK] gets kernels.WILDCARD_DOMAIN instead: a token of no
+domain, which every token may attend and which is never cross-domain. [MASK] is never a
+domain of its own.
+"""
 import numpy as np
 import torch
+
+from kernels import WILDCARD_DOMAIN
 
 from .dataset import PAD
 
@@ -36,7 +43,7 @@ def sasrec_train_batch(seqs, rows, max_len):
     return _tensors(inputs, input_domains, lengths, targets)
 
 
-def bert4rec_train_batch(seqs, rows, max_len, mask_id, mask_domain, mask_prob, rng):
+def bert4rec_train_batch(seqs, rows, max_len, mask_id, hide_mask_domain, mask_prob, rng):
     """Cloze: each real position is masked with probability mask_prob (at least one per
     row); targets are the hidden items at masked positions, PAD elsewhere."""
     items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len)
@@ -47,11 +54,12 @@ def bert4rec_train_batch(seqs, rows, max_len, mask_id, mask_domain, mask_prob, r
             masked[b, rng.integers(n)] = True
     targets = np.where(masked, items, PAD)
     items = np.where(masked, mask_id, items)
-    domains = np.where(masked, mask_domain, domains)
+    if hide_mask_domain:
+        domains = np.where(masked, WILDCARD_DOMAIN, domains)
     return _tensors(items, domains, lengths, targets)
 
 
-def eval_batch(seqs, rows, max_len, arch, mask_id, mask_domain):
+def eval_batch(seqs, rows, max_len, arch, mask_id, hide_mask_domain):
     """Histories for scoring. SASRec reads the last max_len events and predicts from the last
     position; BERT4Rec appends [MASK] after the last max_len - 1 events and predicts there."""
     if arch == "sasrec":
@@ -59,6 +67,7 @@ def eval_batch(seqs, rows, max_len, arch, mask_id, mask_domain):
     else:
         items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len - 1)
         b = np.arange(len(rows))
+        mask_domain = WILDCARD_DOMAIN if hide_mask_domain else seqs.target_domains[rows]
         items[b, lengths], domains[b, lengths] = mask_id, mask_domain
         lengths = lengths + 1
     targets = seqs.targets[rows]

@@ -22,6 +22,7 @@ class Sequences:
     domains: np.ndarray
     targets: np.ndarray = None         # next-item targets for evaluation rows (else None)
     target_domains: np.ndarray = None
+    users: np.ndarray = None           # original user token of each row
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -82,13 +83,19 @@ def _encode(frames):
 
 
 def _user_codes(frame):
+    """Dense user codes per event and the user tokens they index."""
     users = frame["user"].dictionary_encode()
-    return np.concatenate([c.indices.to_numpy() for c in users.chunks]).astype(np.int64)
+    codes = np.concatenate([c.indices.to_numpy() for c in users.chunks]).astype(np.int64)
+    tokens = np.asarray(users.chunks[0].dictionary.to_pylist() if users.num_chunks else [],
+                        dtype=object)
+    return codes, tokens
 
 
-def _sequences(user_codes, timestamps, items, domains, min_events):
+def _sequences(users, timestamps, items, domains, min_events):
     """Group events by user in (user, timestamp) order, stable for ties. Returns the CSR
-    sequences of users with >= min_events events and the number of users dropped."""
+    sequences of users with >= min_events events and the number of users dropped.
+    users = (codes per event, tokens)."""
+    user_codes, user_tokens = users
     order = np.lexsort((timestamps, user_codes))  # lexsort is stable: ties keep file order
     offsets = _csr_by_user(user_codes, order)
     lengths = np.diff(offsets)
@@ -97,7 +104,9 @@ def _sequences(user_codes, timestamps, items, domains, min_events):
     idx = np.concatenate([order[offsets[r]:offsets[r + 1]] for r in kept_rows]) \
         if len(kept_rows) else np.zeros(0, np.int64)
     new_offsets = np.r_[0, np.cumsum(lengths[keep])]
-    return Sequences(new_offsets, items[idx], domains[idx]), int((~keep).sum())
+    row_users = user_tokens[user_codes[order[offsets[:-1][keep]]]] if len(kept_rows) else \
+        np.zeros(0, dtype=object)
+    return Sequences(new_offsets, items[idx], domains[idx], users=row_users), int((~keep).sum())
 
 
 def _truncate_tail(seqs, drop):
@@ -105,7 +114,8 @@ def _truncate_tail(seqs, drop):
     lengths = np.diff(seqs.offsets) - drop
     keep_idx = np.concatenate([np.arange(lo, lo + n) for lo, n in zip(seqs.offsets[:-1], lengths)]) \
         if len(lengths) else np.zeros(0, np.int64)
-    return Sequences(np.r_[0, np.cumsum(lengths)], seqs.items[keep_idx], seqs.domains[keep_idx])
+    return Sequences(np.r_[0, np.cumsum(lengths)], seqs.items[keep_idx], seqs.domains[keep_idx],
+                     users=seqs.users)
 
 
 def _split_last(seqs):

@@ -1,41 +1,104 @@
-"""The embedded default dataset: multi-domain sequences with planted structure.
+"""The embedded default dataset: three domains with planted positive and negative transfer.
 
-Three domains. Domains 0 and 1 are predictive: every user follows a hidden topic, and the
-items of both domains advance one shared cursor around that topic's ring of items, so the
-next item in either domain is determined by the latest item of *either* domain (cross-domain
-transfer helps). Domain 2 is pure noise: uniformly random items that carry no information,
-so attending to it can only hurt (negative transfer). A little noise keeps it realistic.
+Every user has a hidden topic z and a cursor c that advances around a ring of RING slots.
+- Domain 0, the *target* (sparse, 20 % of events): item (z, c) after the cursor advances, so
+  its own history gives the topic but often a stale slot.
+- Domain 1, the *positive source* (dense, 40 %): item (z, c) of its own item set, advancing
+  the same cursor, so attending to it tells the target the current slot (positive transfer).
+- Domain 2, the *spurious source* (dense, 40 %): items that name a slot. In the training part
+  of a sequence (every event whose item two steps later is a training target), an event of this
+  domain names the slot of the item two steps later: a shortcut that fits the training data
+  better than the cursor (it even predicts the 5 % of slot flips). In the last events (those
+  whose item two steps later is the validation or test target) its items are uniformly random,
+  so a model that learnt the shortcut is misled exactly at evaluation (negative transfer by
+  construction; the correlation holds in training only).
+
+The oracle knows z, c and that the spurious domain is random at evaluation; `oracle_metrics`
+ranks each evaluation target under the oracle's predictive distribution, the ceiling any
+model can reach (HR@10 under full ranking).
 """
 import numpy as np
 import pyarrow as pa
 
-NUM_TOPICS = 40
-RING = 8               # items per topic per predictive domain
-NOISE_ITEMS = 300
-DOMAIN_PROBS = (0.35, 0.3, 0.35)   # predictive, predictive, noise
+NUM_TOPICS = 30
+RING = 8
+COPIES = 15            # spurious-domain items per named slot
+DOMAIN_PROBS = (0.2, 0.4, 0.4)
+FLIP = 0.05            # probability that a target / positive-source item takes a random slot
 
 
-def generate(num_users=3000, min_len=20, max_len=60, seed=0, flip=0.05):
-    """Return an interaction frame as read_inter returns it (tokens as strings)."""
+def _item(domain, topic, slot, copy=0):
+    if domain == 2:
+        return f"s{slot}_{copy}"
+    return f"d{domain}_t{topic}_{slot}"
+
+
+def generate(num_users=3000, min_len=20, max_len=60, seed=0):
+    """Return an interaction frame as read_inter returns it (tokens as strings), with an extra
+    "oracle" entry: per user, (topic, cursor before the valid target, cursor before the test
+    target), for oracle_metrics."""
     rng = np.random.default_rng(seed)
-    users, items, domains, times = [], [], [], []
+    users, items, domains, times, oracle = [], [], [], [], {}
     for u in range(num_users):
-        topic = rng.integers(NUM_TOPICS)
-        cursor = rng.integers(RING)
-        length = rng.integers(min_len, max_len + 1)
+        topic, cursor = int(rng.integers(NUM_TOPICS)), int(rng.integers(RING))
+        length = int(rng.integers(min_len, max_len + 1))
         seq_domains = rng.choice(3, size=length, p=DOMAIN_PROBS)
+        slots = np.zeros(length, dtype=np.int64)
+        cursors = np.zeros(length, dtype=np.int64)  # cursor before event t
         for t, d in enumerate(seq_domains):
-            if d == 2:
-                item = f"n{rng.integers(NOISE_ITEMS)}"
-            else:
+            cursors[t] = cursor
+            if d != 2:
                 cursor = (cursor + 1) % RING
-                slot = cursor if rng.random() > flip else rng.integers(RING)
-                item = f"d{d}_t{topic}_{slot}"
-            users.append(f"u{u}")
-            items.append(item)
-            domains.append(int(d))
-            times.append(float(t))
+                slots[t] = cursor if rng.random() > FLIP else int(rng.integers(RING))
+        seq_items = []
+        for t, d in enumerate(seq_domains):
+            if d != 2:
+                seq_items.append(_item(d, topic, slots[t]))
+                continue
+            ahead = t + 2
+            if ahead <= length - 3 and seq_domains[ahead] != 2:  # a training target ahead
+                named = slots[ahead]
+            else:
+                named = int(rng.integers(RING))
+            seq_items.append(_item(2, topic, named, int(rng.integers(COPIES))))
+        token = f"u{u}"
+        oracle[token] = (topic, int(cursors[length - 2]), int(cursors[length - 1]))
+        users += [token] * length
+        items += seq_items
+        domains += seq_domains.tolist()
+        times += list(range(length))
     return {"user": pa.chunked_array([pa.array(users)]),
             "item": pa.chunked_array([pa.array(items)]),
             "domain": np.asarray(domains, dtype=np.int64),
-            "timestamp": np.asarray(times, dtype=np.float64)}
+            "timestamp": np.asarray(times, dtype=np.float64),
+            "oracle": oracle}
+
+
+def oracle_scores(index, topic, cursor):
+    """[num_items + 1] probabilities (column 0 = padding) of the next event under the oracle;
+    index maps item tokens to dense ids."""
+    scores = np.zeros(len(index) + 1)
+    for domain in (0, 1):
+        for slot in range(RING):
+            p = DOMAIN_PROBS[domain] * (FLIP / RING + (1 - FLIP) * (slot == (cursor + 1) % RING))
+            i = index.get(_item(domain, topic, slot))
+            if i is not None:
+                scores[i] = p
+    for slot in range(RING):
+        for copy in range(COPIES):
+            i = index.get(_item(2, topic, slot, copy))
+            if i is not None:
+                scores[i] = DOMAIN_PROBS[2] / (RING * COPIES)
+    return scores
+
+
+def oracle_table(data, split, oracle, which):
+    """[len(split), num_items + 1] oracle probabilities of each row's target (column 0 =
+    padding), to score like a model under any protocol. which: "valid" or "test"."""
+    cursor_index = 1 if which == "valid" else 2
+    index = {tok: i + 1 for i, tok in enumerate(data.item_tokens)}
+    table = np.zeros((len(split), data.num_items + 1), dtype=np.float32)
+    for r, user in enumerate(split.users):
+        state = oracle[user]
+        table[r] = oracle_scores(index, state[0], state[cursor_index])
+    return table

@@ -7,9 +7,9 @@ import kernels
 
 
 class CrossDomainSelfAttention(nn.Module):
-    def __init__(self, hidden, heads, dropout, backend):
+    def __init__(self, hidden, heads, dropout, backend, num_domains):
         super().__init__()
-        self.heads, self.backend = heads, backend
+        self.heads, self.backend, self.num_domains = heads, backend, num_domains
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
@@ -20,16 +20,16 @@ class CrossDomainSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out, mass = kernels.cross_domain_attention(
             q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
-            backend=self.backend)
+            backend=self.backend, num_domains=self.num_domains)
         out = out.transpose(1, 2).reshape(batch, length, hidden)
         return self.dropout(self.proj(out)), mass
 
 
 class Block(nn.Module):
-    def __init__(self, hidden, heads, dropout, backend):
+    def __init__(self, hidden, heads, dropout, backend, num_domains=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden)
-        self.attn = CrossDomainSelfAttention(hidden, heads, dropout, backend)
+        self.attn = CrossDomainSelfAttention(hidden, heads, dropout, backend, num_domains)
         self.norm2 = nn.LayerNorm(hidden)
         self.ffn = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(),
                                  nn.Linear(4 * hidden, hidden), nn.Dropout(dropout))
@@ -39,21 +39,28 @@ class Block(nn.Module):
         x = x + attended
         return x + self.ffn(self.norm2(x)), mass
 
+    def mass_inputs(self):
+        """The parameters of this block that its own attention mass depends on."""
+        return [self.norm1, self.attn.qkv]
+
 
 class Encoder(nn.Module):
     """Item + learned position embeddings, `layers` pre-norm blocks, a final LayerNorm.
 
-    AutoCDSR+ (num_bottleneck > 0): learned IB tokens are prepended; the first
-    `bottleneck_layers` blocks run in bottleneck mode (ordinary tokens see their own domain
-    and the IB tokens), then the IB positions are dropped and the rest attend fully.
+    AutoCDSR+ (num_bottleneck > 0): learned IB tokens are prepended with the reserved domain
+    id `bottleneck_domain`; the first `bottleneck_layers` blocks run in bottleneck mode
+    (ordinary tokens see their own domain and the IB tokens), then the IB positions are
+    dropped and the rest attend fully. `num_domains` bounds every domain id the attention
+    sees (the IB id included), so no backend needs to read the ids on the host.
     """
 
     def __init__(self, num_embeddings, max_len, hidden, heads, layers, dropout, backend,
-                 num_bottleneck=0, bottleneck_layers=0, bottleneck_domain=0):
+                 num_domains, num_bottleneck=0, bottleneck_layers=0, bottleneck_domain=0):
         super().__init__()
         self.item_embedding = nn.Embedding(num_embeddings, hidden, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, backend) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, backend, num_domains)
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.num_bottleneck = num_bottleneck
@@ -65,7 +72,8 @@ class Encoder(nn.Module):
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
     def forward(self, items, domains, seq_lens, causal):
-        """Returns hidden [B, L, hidden] and the list of per-layer masses [B, H, L(+nb)]."""
+        """Returns hidden [B, L, hidden] over the real positions and the list of per-layer
+        masses [B, H, L], IB positions removed (their mass is 0 by definition)."""
         batch, length = items.shape
         positions = torch.arange(length, device=items.device)
         x = self.item_embedding(items) + self.position_embedding(positions)[None]
@@ -85,7 +93,7 @@ class Encoder(nn.Module):
                 x, domains, seq_lens = x[:, nb:], domains[:, nb:], seq_lens - nb
                 nb = 0
             x, mass = block(x, domains, seq_lens, causal, nb)
-            masses.append(mass)
+            masses.append(mass[..., nb:])
         if nb:  # every layer was a bottleneck layer
             x = x[:, nb:]
         return self.norm(x), masses

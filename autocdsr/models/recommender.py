@@ -1,30 +1,51 @@
 """SASRec (causal, next item) and BERT4Rec (bidirectional, cloze) over one encoder, with
-item scores tied to the item embedding table."""
+item scores tied to the item embedding table.
+
+The model owns its token semantics and tells the objective what it needs:
+- item ids: 0 padding, 1..num_items items, num_items + 1 the [MASK] item (BERT4Rec);
+- domain ids: 0..num_domains - 1 real domains, num_domains the bottleneck (IB) tokens,
+  kernels.WILDCARD_DOMAIN a [MASK] whose domain is hidden (`mask_domain="hidden"`); under
+  the default `mask_domain="target"` a [MASK] keeps the masked item's domain, as the official
+  AutoCDSR code does (at evaluation the appended [MASK] carries the target's domain);
+- `objective_masses`: the per-layer masses the cross-domain loss acts on (every layer, or
+  the bottleneck layers), over ordinary tokens; `cd_query_mask`: which queries count;
+- `gram_parameters`: the parameters whose gradients enter the Pareto solver's Gram matrix.
+"""
 import torch
 from torch import nn
 
+from kernels import WILDCARD_DOMAIN
+
 from .encoder import Encoder
+
+MASK_DOMAIN_MODES = ("target", "hidden")
+SHARED_SETS = ("reached", "all_but_items", "all")
 
 
 class Recommender(nn.Module):
-    def __init__(self, arch, num_items, num_domains, max_len, hidden=64, heads=2, layers=2,
-                 dropout=0.1, backend="auto", bottleneck_tokens=0, bottleneck_layers=-1):
+    def __init__(self, cfg, num_items, num_domains, max_len, backend="auto", mask_domain="target"):
+        """cfg: the model config (arch, layers, heads, hidden, dropout, bottleneck_tokens,
+        bottleneck_layers), e.g. autocdsr.config.ModelConfig."""
         super().__init__()
-        if arch not in ("sasrec", "bert4rec"):
-            raise ValueError(f"arch must be 'sasrec' or 'bert4rec', got {arch!r}")
-        if bottleneck_tokens and arch == "sasrec":
+        if cfg.arch not in ("sasrec", "bert4rec"):
+            raise ValueError(f"arch must be 'sasrec' or 'bert4rec', got {cfg.arch!r}")
+        if cfg.bottleneck_tokens and cfg.arch == "sasrec":
             raise ValueError("bottleneck tokens need a bidirectional encoder (bert4rec): with a "
                              "causal one the IB tokens would carry future items back to earlier "
                              "positions (future leakage)")
-        self.arch, self.num_items = arch, num_items
+        if mask_domain not in MASK_DOMAIN_MODES:
+            raise ValueError(f"mask_domain must be one of {MASK_DOMAIN_MODES}, got {mask_domain!r}")
+        self.arch, self.num_items, self.num_domains = cfg.arch, num_items, num_domains
+        self.mask_item = num_items + 1
+        self.ib_domain = num_domains
+        self.hide_mask_domain = mask_domain == "hidden"
+        bottleneck_layers = cfg.bottleneck_layers
         if bottleneck_layers < 0:
-            bottleneck_layers = max(1, layers // 2)
-        # ids: 0 pad, 1..num_items items, num_items + 1 [MASK] (BERT4Rec);
-        # domains: 0..num_domains - 1 real, num_domains [MASK], num_domains + 1 IB tokens
-        self.mask_domain = num_domains
-        self.encoder = Encoder(num_items + 2, max_len, hidden, heads, layers, dropout, backend,
-                               bottleneck_tokens, bottleneck_layers, num_domains + 1)
-        self.bottleneck_layers = bottleneck_layers if bottleneck_tokens else 0
+            bottleneck_layers = max(1, cfg.layers // 2)
+        self.bottleneck_layers = bottleneck_layers if cfg.bottleneck_tokens else 0
+        self.encoder = Encoder(num_items + 2, max_len, cfg.hidden, cfg.heads, cfg.layers,
+                               cfg.dropout, backend, num_domains + 1, cfg.bottleneck_tokens,
+                               self.bottleneck_layers, self.ib_domain)
 
     @property
     def causal(self):
@@ -35,7 +56,7 @@ class Recommender(nn.Module):
         return self.encoder.item_embedding
 
     def forward(self, items, domains, seq_lens):
-        """Hidden states [B, L, hidden] and per-layer masses."""
+        """Hidden states [B, L, hidden] and the per-layer masses [B, H, L]."""
         return self.encoder(items, domains, seq_lens, self.causal)
 
     def item_weights(self):
@@ -45,8 +66,38 @@ class Recommender(nn.Module):
     def mass_layers(self):
         """Indices of the layers whose mass the cross-domain objective acts on: every layer,
         or the bottleneck layers in AutoCDSR+ mode."""
-        count = len(self.encoder.blocks)
-        return list(range(self.bottleneck_layers)) if self.bottleneck_layers else list(range(count))
+        return list(range(self.bottleneck_layers or len(self.encoder.blocks)))
+
+    def objective_masses(self, masses):
+        return [masses[i] for i in self.mass_layers()]
+
+    @staticmethod
+    def cd_query_mask(domains):
+        """[B, L] bool: the queries whose mass enters L_cd (real tokens, wildcards aside)."""
+        return (domains >= 0) & (domains != WILDCARD_DOMAIN)
+
+    def gram_parameters(self, shared="reached"):
+        """The parameters whose gradients enter the Gram matrix.
+
+        reached: those the cross-domain loss depends on, without the item table (as the
+          official code): embeddings, every block before the last mass layer, and that
+          layer's first norm and QKV projection;
+        all_but_items: every parameter but the item table; all: every parameter.
+        """
+        if shared not in SHARED_SETS:
+            raise ValueError(f"shared must be one of {SHARED_SETS}, got {shared!r}")
+        table = self.encoder.item_embedding.weight
+        if shared == "all":
+            return [p for p in self.parameters() if p.requires_grad]
+        if shared == "all_but_items":
+            return [p for p in self.parameters() if p.requires_grad and p is not table]
+        last = self.mass_layers()[-1]
+        modules = [self.encoder.position_embedding, *self.encoder.blocks[:last],
+                   *self.encoder.blocks[last].mass_inputs()]
+        reached = [p for m in modules for p in m.parameters()]
+        if self.encoder.num_bottleneck:
+            reached.append(self.encoder.bottleneck_embedding)
+        return [p for p in reached if p.requires_grad]
 
     def prediction_states(self, hidden, seq_lens):
         """The state that predicts the target: the last real position (SASRec: last event,

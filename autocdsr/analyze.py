@@ -1,0 +1,123 @@
+"""`autocdsr analyze RUN_DIR [--against RUN_DIR ...]`: figures (PNG) and the numbers behind
+them (JSON) in RUN_DIR/analysis/:
+
+- pair_mass.json / pair_mass.png: per layer, the attention mass from query domain (rows) to
+  key domain (columns) on the test histories, for the model at initialisation (same seed),
+  the trained model (best.pt), and each --against run's trained model;
+- trajectory.png: per epoch, lambda, the gradient cosine, L_cd, the training loss and the
+  validation metric (the task-weight trajectory), from metrics.json.
+"""
+import json
+import os
+
+from omegaconf import OmegaConf
+
+from .analysis import domain_pair_mass
+from .checkpoint import load_safe
+from .config import load_config
+
+
+def _load_model(run_dir, checkpoint="best.pt", device="cpu"):
+    """(cfg, data, trained model, model at initialisation) of a run."""
+    from .train import build_model, load_data, seed_everything
+    cfg = load_config(None, (), base=OmegaConf.load(os.path.join(run_dir, "config.yaml")))
+    cfg.train.device = "cpu"
+    data, _ = load_data(cfg)
+    seed_everything(cfg.train.seed)  # the trainer seeds, then builds: the same initial weights
+    initial = build_model(cfg, data).to(device)
+    trained = build_model(cfg, data).to(device)
+    state = load_safe(os.path.join(run_dir, checkpoint), map_location=device)
+    trained.load_state_dict(state["model"])
+    return cfg, data, trained, initial
+
+
+def pair_masses(run_dir, max_rows=512):
+    cfg, data, trained, initial = _load_model(run_dir)
+    hide = cfg.data.mask_domain == "hidden"
+    kw = dict(max_len=cfg.data.max_len, hide_mask_domain=hide, max_rows=max_rows)
+    return {"init": domain_pair_mass(initial, data, data.test, **kw),
+            "trained": domain_pair_mass(trained, data, data.test, **kw),
+            "objective": cfg.objective, "arch": cfg.model.arch}
+
+
+def _title(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        m = json.load(f)
+    mode = f"/{m.get('weighting')}" if m.get("objective") != "base" else ""
+    return f"{m['arch']} {m['objective']}{mode} (seed {m['seed']})"
+
+
+def plot_pair_mass(panels, path):
+    """panels: [(title, {"labels", "layers"})]; one column per panel, one row per layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = max(len(p["layers"]) for _, p in panels)
+    fig, axes = plt.subplots(layers, len(panels), figsize=(3.4 * len(panels), 3.0 * layers),
+                             squeeze=False)
+    for col, (title, panel) in enumerate(panels):
+        labels = panel["labels"]
+        for row in range(layers):
+            ax = axes[row][col]
+            if row >= len(panel["layers"]):
+                ax.axis("off")
+                continue
+            matrix = panel["layers"][row]
+            ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+            for i, line in enumerate(matrix):
+                for j, value in enumerate(line):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if value < 0.6 else "black")
+            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.set_title(f"{title}\nlayer {row + 1}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("query domain", fontsize=8)
+            if row == layers - 1:
+                ax.set_xlabel("key domain", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trajectory(histories, path, metric="NDCG@10"):
+    """histories: [(label, metrics.json history)]; five panels against the epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [("lambda", "lambda"), ("cosine", "cos(g_rec, g_cd)"), ("cd_mass", "L_cd"),
+            ("train_loss", "train loss"), (metric, f"valid {metric}")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0))
+    for label, history in histories:
+        epochs = [h["epoch"] for h in history]
+        for ax, (key, name) in zip(axes, keys):
+            values = [h["valid"][key] if key == metric else h[key] for h in history]
+            ax.plot(epochs, values, marker=".", label=label)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyze(run_dir, against=(), max_rows=512):
+    out = os.path.join(run_dir, "analysis")
+    os.makedirs(out, exist_ok=True)
+    result = pair_masses(run_dir, max_rows)
+    result["against"] = {d: pair_masses(d, max_rows)["trained"] for d in against}
+    with open(os.path.join(out, "pair_mass.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    title = _title(run_dir)
+    panels = [(f"{title}: init", result["init"]), (f"{title}: trained", result["trained"])]
+    panels += [(_title(d), m) for d, m in result["against"].items()]
+    plot_pair_mass(panels, os.path.join(out, "pair_mass.png"))
+    histories = []
+    for d in (run_dir, *against):
+        with open(os.path.join(d, "metrics.json")) as f:
+            histories.append((_title(d), json.load(f)["history"]))
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        metric = OmegaConf.load(f).eval.metric
+    plot_trajectory(histories, os.path.join(out, "trajectory.png"), metric)
+    return out
+
