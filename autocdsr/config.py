@@ -16,6 +16,7 @@ class DataConfig:
     mask_prob: float = 0.15   # BERT4Rec cloze masking
     mask_domain: str = "target"  # target: a [MASK] keeps its item's domain | hidden: wildcard
     synthetic_users: int = 3000
+    synthetic_spurious: bool = True  # false: the control without the train-only shortcut
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ModelConfig:
     heads: int = 2
     hidden: int = 64
     dropout: float = 0.1
+    head_dim: int = 0         # attention head width; 0 = hidden / heads
+    ffn_hidden: int = 0       # feed-forward width; 0 = 4 x hidden
     bottleneck_tokens: int = 0     # AutoCDSR+: > 0 prepends learned IB tokens
     bottleneck_layers: int = -1    # -1 = half of the layers
 
@@ -56,6 +59,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
     max_bad_steps: int = 20     # non-finite steps in a row before the run stops
     checkpoint_every: int = 0   # also write last.pt every N steps (0 = at each epoch end)
+    compile: bool = False       # run the whole step compiled (torch.compile, fullgraph)
 
 
 @dataclass
@@ -164,13 +168,15 @@ def check_config(cfg):
             raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
     if cfg.data.max_len < 2:
         raise ConfigError(f"data.max_len must be >= 2 (a history and a target), got {cfg.data.max_len}")
-    if cfg.model.hidden % cfg.model.heads:
+    if cfg.model.head_dim < 0 or cfg.model.ffn_hidden < 0:
+        raise ConfigError("model.head_dim and model.ffn_hidden must be >= 0 (0 = the default)")
+    if not cfg.model.head_dim and cfg.model.hidden % cfg.model.heads:
         raise ConfigError(f"model.hidden ({cfg.model.hidden}) must be divisible by model.heads "
-                          f"({cfg.model.heads})")
-    head_dim = cfg.model.hidden // cfg.model.heads
+                          f"({cfg.model.heads}), or set model.head_dim")
+    head_dim = cfg.model.head_dim or cfg.model.hidden // cfg.model.heads
     if not 16 <= head_dim <= 128:
-        raise ConfigError(f"model.hidden / model.heads = {head_dim} must be in 16..128 "
-                          "(the attention head dim)")
+        raise ConfigError(f"the attention head dim (model.head_dim, or model.hidden / "
+                          f"model.heads) = {head_dim} must be in 16..128")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature must be > 0, got {cfg.train.temperature}")
     if not 0.0 < cfg.data.mask_prob < 1.0:

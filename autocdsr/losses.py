@@ -23,70 +23,86 @@ LOSSES = ("full", "sampled", "inbatch", "inbatch_official")
 LOGITS = ("dot", "cosine")
 
 
-def _ce_chunk(states, weights, targets):
+def _ce_chunk(states, weights, targets, row_weight):
     logits = states @ weights.T
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * row_weight).sum()
 
 
-def full_softmax_loss(states, weights, targets):
+def _weighted_mean(per_row, row_weight):
+    return (per_row * row_weight).sum() / row_weight.sum().clamp(min=1.0)
+
+
+def full_softmax_loss(states, weights, targets, row_weight):
     rows = max(1, FULL_CHUNK_ELEMENTS // weights.shape[0])
     total = states.new_zeros((), dtype=torch.float32)
     for lo in range(0, states.shape[0], rows):
-        chunk = (states[lo:lo + rows], weights, targets[lo:lo + rows])
+        chunk = (states[lo:lo + rows], weights, targets[lo:lo + rows], row_weight[lo:lo + rows])
         if torch.is_grad_enabled():
             total = total + checkpoint(_ce_chunk, *chunk, use_reentrant=False)
         else:
             total = total + _ce_chunk(*chunk)
-    return total / max(1, states.shape[0])
+    return total / row_weight.sum().clamp(min=1.0)
 
 
 def _cosine_logits(states, target_vectors):
     return F.normalize(states, dim=-1) @ F.normalize(target_vectors, dim=-1).T / INBATCH_TAU
 
 
-def inbatch_loss(states, weights, targets):
-    logits = _cosine_logits(states, weights[targets]).float()
-    # Positions sharing a target item are not each other's negatives.
-    same = targets[:, None] == targets[None, :]
+def _inbatch_masks(targets, row_weight):
+    """(same target [C, C], usable column [C, C]): empty slots are nobody's negative."""
     eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
-    logits = logits.masked_fill(same & ~eye, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(targets), device=targets.device))
+    return targets[:, None] == targets[None, :], (row_weight > 0)[None, :] | eye, eye
 
 
-def inbatch_official_loss(states, weights, targets):
+def inbatch_loss(states, weights, targets, row_weight):
     logits = _cosine_logits(states, weights[targets]).float()
-    same = targets[:, None] == targets[None, :]
-    denominator = torch.logsumexp(logits.masked_fill(same, 0.0), dim=1)
-    return (denominator - logits.diagonal()).mean()
+    same, usable, eye = _inbatch_masks(targets, row_weight)
+    # Positions sharing a target item are not each other's negatives.
+    logits = logits.masked_fill((same & ~eye) | ~usable, float("-inf"))
+    per_row = F.cross_entropy(logits, torch.arange(len(targets), device=targets.device),
+                              reduction="none")
+    return _weighted_mean(per_row, row_weight)
 
 
-def sampled_softmax_loss(states, weights, targets, num_negatives, generator=None):
+def inbatch_official_loss(states, weights, targets, row_weight=None):
+    if row_weight is None:
+        row_weight = torch.ones(len(targets), device=states.device)
+    logits = _cosine_logits(states, weights[targets]).float()
+    same, usable, _ = _inbatch_masks(targets, row_weight)
+    denominator = torch.logsumexp(logits.masked_fill(same, 0.0).masked_fill(~usable, float("-inf")),
+                                  dim=1)
+    return _weighted_mean(denominator - logits.diagonal(), row_weight)
+
+
+def sampled_softmax_loss(states, weights, targets, row_weight, num_negatives, generator=None):
     negatives = torch.randint(1, weights.shape[0], (num_negatives,), device=states.device,
                               generator=generator)
     positive = (states * weights[targets]).sum(-1, keepdim=True)
     negative = states @ weights[negatives].T
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([positive, negative], dim=1).float()
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    per_row = F.cross_entropy(logits, torch.zeros_like(targets), reduction="none")
+    return _weighted_mean(per_row, row_weight)
 
 
-def recommendation_loss(kind, hidden, weights, targets, num_negatives=1000, logits="dot",
-                        temperature=1.0):
-    """hidden [B, L, H], targets [B, L] (0 = no target); weights = item table [V, H]."""
+def recommendation_loss(kind, hidden, weights, targets, slots, slot_weight, num_negatives=1000,
+                        logits="dot", temperature=1.0):
+    """hidden [B, L, H], targets [B, L] (0 = no target), weights = item table [V, H];
+    slots [C] / slot_weight [C]: the flat positions holding a target (fixed count C, weight 0
+    for the padding slots), see autocdsr.data.batches.target_slots."""
     if kind not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
     if logits not in LOGITS:
         raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
-    keep = targets.reshape(-1) != 0
-    states = hidden.reshape(-1, hidden.shape[-1])[keep]
-    targets = targets.reshape(-1)[keep]
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, slots)
+    targets = targets.reshape(-1).index_select(0, slots)
     if kind == "inbatch":
-        return inbatch_loss(states, weights, targets)
+        return inbatch_loss(states, weights, targets, slot_weight)
     if kind == "inbatch_official":
-        return inbatch_official_loss(states, weights, targets)
+        return inbatch_official_loss(states, weights, targets, slot_weight)
     if logits == "cosine":
         states = F.normalize(states, dim=-1) / temperature
         weights = F.normalize(weights, dim=-1)
     if kind == "full":
-        return full_softmax_loss(states, weights, targets)
-    return sampled_softmax_loss(states, weights, targets, num_negatives)
+        return full_softmax_loss(states, weights, targets, slot_weight)
+    return sampled_softmax_loss(states, weights, targets, slot_weight, num_negatives)

@@ -20,9 +20,8 @@ from .data.dataset import load_dataset, build_leave_one_out
 from .data.synthetic import generate, oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
-from .losses import recommendation_loss
 from .models import Recommender
-from .objectives import BalancedStep, cross_domain_loss
+from .step import TrainStep
 
 log = logging.getLogger("autocdsr")
 
@@ -44,7 +43,8 @@ def seed_everything(seed):
 def load_data(cfg):
     """The dataset, and the synthetic generator's oracle state (None for real data)."""
     if not cfg.data.path:
-        frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed)
+        frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed,
+                         spurious=cfg.data.synthetic_spurious)
         return build_leave_one_out(frame, "synthetic"), frame["oracle"]
     return load_dataset(cfg.data.path, cfg.data.name, cfg.data.split), None
 
@@ -87,8 +87,10 @@ class Trainer:
         if len(self.data.train) < 1:
             raise ValueError("no training sequences")
         self.model = build_model(cfg, self.data).to(self.device)
+        # capturable: the step count lives on the parameters' device (the step reads it there)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
+                                           weight_decay=cfg.train.weight_decay,
+                                           capturable=self.device.type == "cuda")
         self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.train.batch_size)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -98,14 +100,18 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / warmup,
                                           max(0.1, 1 - 0.9 * (s - warmup) / max(1, total - warmup))))
-        mode = cfg.weighting.mode if cfg.objective != "base" else "none"
-        self.balanced = BalancedStep(self.model, mode, cfg.weighting.lam, cfg.weighting.every,
-                                     cfg.weighting.shared)
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.step = TrainStep(
+            self.model, self.optimizer, loss=cfg.train.loss, objective=cfg.objective,
+            mode=cfg.weighting.mode, lam=cfg.weighting.lam, every=cfg.weighting.every,
+            shared=cfg.weighting.shared, grad_clip=cfg.train.grad_clip,
+            num_negatives=cfg.train.num_negatives, logits=cfg.train.logits,
+            temperature=cfg.train.temperature, amp_dtype=self.amp_dtype,
+            compile=cfg.train.compile)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         self.history, self.pending = [], []
-        self.bad_steps_in_row, self.skipped_steps = 0, 0
+        self.skipped_steps = 0
         self.epoch_sums = self._zero_sums()
 
     # ------------------------------------------------------------------ state
@@ -115,7 +121,7 @@ class Trainer:
     def state(self):
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "balanced": self.balanced.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "balanced": self.step.state_dict(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "best_metric": self.best_metric,
             "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
@@ -130,7 +136,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.balanced.load_state_dict(state["balanced"])
+        self.step.load_state_dict(state["balanced"])
         for key in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch",
                     "bad_epochs", "skipped_steps"):
             setattr(self, key, state[key])
@@ -143,6 +149,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _batch(self, rows, epoch, index):
         cfg, data = self.cfg, self.data
+        if len(rows) < cfg.train.batch_size:  # fixed shapes: empty rows fill the last batch
+            rows = np.r_[rows, np.full(cfg.train.batch_size - len(rows), -1)]
         if cfg.model.arch == "sasrec":
             batch = sasrec_train_batch(data.train, rows, cfg.data.max_len)
         else:
@@ -151,55 +159,33 @@ class Trainer:
                                          self.model.hide_mask_domain, cfg.data.mask_prob, rng)
         return to_device(batch, self.device)
 
-    def _losses(self, batch):
-        cfg = self.cfg
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            hidden, masses = self.model(batch["items"], batch["domains"], batch["seq_lens"])
-            loss_rec = recommendation_loss(cfg.train.loss, hidden, self.model.item_weights(),
-                                           batch["targets"], cfg.train.num_negatives,
-                                           cfg.train.logits, cfg.train.temperature)
-        loss_cd = cross_domain_loss(self.model.objective_masses(masses),  # mass is float32
-                                    self.model.cd_query_mask(batch["domains"]))
-        return loss_rec.float(), loss_cd
-
     def train_step(self, batch):
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_rec, loss_cd = self._losses(batch)
-        use_cd = self.cfg.objective != "base"
-        lam = self.balanced.backward(loss_rec, loss_cd if use_cd else None)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        finite = torch.isfinite(norm) & torch.isfinite(loss_rec)
-        # One host read per step, to skip non-finite updates before they reach the weights.
-        if not bool(finite):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.bad_steps_in_row += 1
-            log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
-                        self.global_step, self.bad_steps_in_row)
-            if self.bad_steps_in_row >= self.cfg.train.max_bad_steps:
-                raise FloatingPointError(
-                    f"{self.bad_steps_in_row} non-finite steps in a row: stopping; the last good "
-                    f"checkpoint is {os.path.join(self.cfg.run_dir, 'last.pt')}")
-            return
-        self.bad_steps_in_row = 0
-        self.optimizer.step()
+        out = self.step(batch)
         self.scheduler.step()
-        self.pending.append(torch.stack([loss_rec.detach(), loss_cd.detach(), lam.float(),
-                                         self.balanced.cosine.float()]))
+        self.pending.append(torch.stack([out["loss"], out["cd"], out["lam"], out["cosine"],
+                                         out["skipped"], self.step.bad_in_row.float()]))
 
     def _flush(self):
-        """Copy the queued per-step scalars to the host in one transfer."""
+        """Copy the queued per-step scalars to the host in one transfer; stop the run after
+        train.max_bad_steps non-finite (skipped) steps in a row."""
         if not self.pending:
             return None
         values = torch.stack(self.pending).cpu().numpy()
         self.pending = []
         sums = self.epoch_sums
-        sums["loss"] += float(values[:, 0].sum())
-        sums["cd"] += float(values[:, 1].sum())
-        sums["lam"] += float(values[:, 2].sum())
-        sums["cos"] += float(values[:, 3].sum())
-        sums["n"] += len(values)
+        for column, key in enumerate(("loss", "cd", "lam", "cos")):
+            finite = values[:, 4] == 0  # skipped steps carry NaN losses: left out of the means
+            sums[key] += float(values[finite, column].sum())
+        sums["n"] += int((values[:, 4] == 0).sum())
+        self.skipped_steps += int(values[:, 4].sum())
+        if values[:, 4].any():
+            log.warning("non-finite loss or gradient: %d steps skipped so far (%d in a row)",
+                        self.skipped_steps, int(values[-1, 5]))
+        if values[-1, 5] >= self.cfg.train.max_bad_steps:
+            raise FloatingPointError(
+                f"{int(values[-1, 5])} non-finite steps in a row: stopping; the last checkpoint "
+                f"is {os.path.join(self.cfg.run_dir, 'last.pt')} (the skipped steps never "
+                f"reached the weights)")
         return values[-1]
 
     # ------------------------------------------------------------------ loop
@@ -222,6 +208,7 @@ class Trainer:
         metric = cfg.eval.metric
         while self.epoch < cfg.train.epochs and self.bad_epochs < cfg.train.patience:
             order = np.random.default_rng([cfg.train.seed, self.epoch]).permutation(len(self.data.train))
+            self.model.train()
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                        desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", leave=False,
                        mininterval=1.0, disable=None)
@@ -251,7 +238,7 @@ class Trainer:
                      "seconds": sums["seconds"], "steps": sums["n"],
                      "seconds_per_step": sums["seconds"] / n,
                      "valid": {metric: valid["overall"][metric]},
-                     "fallbacks": int(self.balanced.fallbacks), "skipped_steps": self.skipped_steps}
+                     "fallbacks": int(self.step.fallbacks), "skipped_steps": self.skipped_steps}
             self.history.append(entry)
             log.info("epoch %d | loss %.4f | L_cd %.4f | lambda %+.4f | cos %+.3f | %.1fs "
                      "(%.1f ms/step) | valid %s %.4f", entry["epoch"], entry["train_loss"],

@@ -15,9 +15,9 @@ import os
 import torch
 
 from autocdsr.config import ModelConfig
-from autocdsr.losses import recommendation_loss
+from autocdsr.data.batches import target_slots
 from autocdsr.models import Recommender
-from autocdsr.objectives import BalancedStep, cross_domain_loss
+from autocdsr.step import TrainStep
 from bench.timing import quantiles, wall_times_ms
 from kernels import reference_pareto as host_solver
 
@@ -37,8 +37,10 @@ def make_batch(arch, size, device, seed=0):
     targets = torch.where(pad, 0, torch.randint(1, size["items"] + 1, (b, length), generator=gen))
     if arch == "bert4rec":
         targets = torch.where(torch.rand(b, length, generator=gen) < 0.15, targets, 0)
-    return {k: t.to(device) for k, t in dict(items=items, domains=domains, seq_lens=seq_lens,
-                                             targets=targets).items()}
+    slots, weight = target_slots(targets.numpy(), b * length)
+    batch = dict(items=items, domains=domains, seq_lens=seq_lens, targets=targets,
+                 target_slots=torch.from_numpy(slots), target_weight=torch.from_numpy(weight))
+    return {k: t.to(device) for k, t in batch.items()}
 
 
 def paper_style_backward(model, loss_rec, loss_cd):
@@ -65,23 +67,20 @@ def paper_style_backward(model, loss_rec, loss_cd):
     (loss_rec + loss_cd * lam).backward()
 
 
-def step_fn(model, optimizer, batch, objective, loss_kind):
-    mode = {"base": "none", "autocdsr": "pareto", "autocdsr_plus": "pareto",
-            "paper_autocdsr": None}[objective]
-    balanced = BalancedStep(model, mode) if mode else None
+def step_fn(model, optimizer, batch, objective, loss_kind, compile=False):
+    """The project's step (autocdsr.step.TrainStep), or the paper-code-style step."""
+    if objective == "paper_autocdsr":
+        reference = TrainStep(model, optimizer, loss=loss_kind)  # for its forward only
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"])
-        loss_rec = recommendation_loss(loss_kind, hidden, model.item_weights(), batch["targets"])
-        loss_cd = cross_domain_loss(model.objective_masses(masses),
-                                    model.cd_query_mask(batch["domains"]))
-        if balanced is None:
-            paper_style_backward(model, loss_rec, loss_cd)
-        else:
-            balanced.backward(loss_rec, None if objective == "base" else loss_cd)
-        optimizer.step()
-    return step
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            paper_style_backward(model, *reference.losses(batch))
+            optimizer.step()
+        return step
+    train_step = TrainStep(model, optimizer, loss=loss_kind, compile=compile,
+                           objective="base" if objective == "base" else "autocdsr",
+                           amp_dtype=torch.bfloat16 if batch["items"].is_cuda else None)
+    return lambda: train_step(batch)
 
 
 def measure(step, device, steps):

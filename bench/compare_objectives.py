@@ -38,7 +38,7 @@ VARIANTS = {
     "bert4rec/fixed1.0": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=1.0"],
     "bert4rec/mgda": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=mgda"],
 }
-STUDY_DEFAULTS = ["train.epochs=40", "train.patience=8"]
+STUDY_DEFAULTS = ["train.epochs=30", "train.patience=6"]
 
 
 def run_dir_of(out, name, seed):
@@ -84,8 +84,10 @@ def main(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    runs = {name: [run_variant(args.out, name, s, args.set) for s in args.seeds]
-            for name in args.variants}
+    runs = {name: [] for name in args.variants}
+    for seed in args.seeds:  # seed-major: a partial study already has every variant
+        for name in args.variants:
+            runs[name].append(run_variant(args.out, name, seed, args.set))
     settings = STUDY_DEFAULTS + args.set
     report = [f"Settings for every run: {' '.join(settings)}; seeds {args.seeds}.", ""]
     for arch in ("sasrec", "bert4rec"):

@@ -95,8 +95,9 @@ def test_bad_config_exits_with_a_message():
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    import autocdsr.step as step_module
     import autocdsr.train as train_module
-    real = train_module.recommendation_loss
+    real = step_module.recommendation_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -104,10 +105,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 4 else loss
 
-    monkeypatch.setattr(train_module, "recommendation_loss", sometimes_nan)
+    monkeypatch.setattr(step_module, "recommendation_loss", sometimes_nan)
     cfg = load_config(None, TINY + ["train.epochs=3", "train.max_bad_steps=3",
                                     "train.checkpoint_every=2", "objective=autocdsr",
-                                    f"run_dir={tmp_path}"])
+                                    "weighting.log_every=1", f"run_dir={tmp_path}"])
     trainer = train_module.Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):

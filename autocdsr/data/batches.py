@@ -6,6 +6,12 @@ appended at evaluation carries the target's domain), as the official AutoCDSR co
 With hide_mask_domain the [MASK] gets kernels.WILDCARD_DOMAIN instead: a token of no
 domain, which every token may attend and which is never cross-domain. [MASK] is never a
 domain of its own.
+
+Training batches have fixed shapes, so a training step never depends on the data's sizes:
+every batch has `batch_size` rows (a row index < 0 is an empty row, used to fill the last
+batch) and carries `target_slots` / `target_weight`: the flat [B * L] positions that hold a
+target, padded to a fixed capacity with weight 0. The loss gathers those rows with a
+fixed-size index, not a boolean mask (which would need the count on the host).
 """
 import numpy as np
 import torch
@@ -23,6 +29,8 @@ def _pad_rows(seqs, rows, length, take_last):
     domains = np.full((batch, length), -1, dtype=np.int64)
     lengths = np.zeros(batch, dtype=np.int64)
     for b, r in enumerate(rows):
+        if r < 0:  # an empty row that fills the last batch
+            continue
         it, dom = seqs.row(r)
         it, dom = it[-take_last:], dom[-take_last:]
         n = len(it)
@@ -40,7 +48,7 @@ def sasrec_train_batch(seqs, rows, max_len):
     for b, n in enumerate(lengths):
         inputs[b, n:], input_domains[b, n:] = PAD, -1
         targets[b, n:] = PAD
-    return _tensors(inputs, input_domains, lengths, targets)
+    return _train_tensors(inputs, input_domains, lengths, targets, targets.size)
 
 
 def bert4rec_train_batch(seqs, rows, max_len, mask_id, hide_mask_domain, mask_prob, rng):
@@ -52,11 +60,39 @@ def bert4rec_train_batch(seqs, rows, max_len, mask_id, hide_mask_domain, mask_pr
     for b, n in enumerate(lengths):
         if n and not masked[b].any():
             masked[b, rng.integers(n)] = True
+    capacity = cloze_capacity(len(rows), max_len, mask_prob)
+    extra = np.flatnonzero(masked.reshape(-1))[capacity:]
+    masked.reshape(-1)[extra] = False  # beyond the capacity (practically never): unmasked
     targets = np.where(masked, items, PAD)
     items = np.where(masked, mask_id, items)
     if hide_mask_domain:
         domains = np.where(masked, WILDCARD_DOMAIN, domains)
-    return _tensors(items, domains, lengths, targets)
+    return _train_tensors(items, domains, lengths, targets, capacity)
+
+
+def cloze_capacity(batch, length, mask_prob):
+    """Target slots of a cloze batch: 1.5 x the expected masks plus one per row (the count is
+    Binomial, so exceeding this is vanishingly rare at real batch sizes)."""
+    return int(min(batch * length, np.ceil(1.5 * batch * length * mask_prob) + batch))
+
+
+def target_slots(targets, capacity):
+    """(slots [capacity] int64, weight [capacity] float32): flat positions of the non-PAD
+    targets, then zeros with weight 0."""
+    flat = np.flatnonzero(targets.reshape(-1) != PAD)
+    if len(flat) > capacity:
+        raise ValueError(f"{len(flat)} targets exceed the batch's capacity {capacity}")
+    slots = np.zeros(capacity, dtype=np.int64)
+    weight = np.zeros(capacity, dtype=np.float32)
+    slots[:len(flat)], weight[:len(flat)] = flat, 1.0
+    return slots, weight
+
+
+def _train_tensors(items, domains, lengths, targets, capacity):
+    batch = _tensors(items, domains, lengths, targets)
+    slots, weight = target_slots(targets, capacity)
+    batch["target_slots"], batch["target_weight"] = torch.from_numpy(slots), torch.from_numpy(weight)
+    return batch
 
 
 def eval_batch(seqs, rows, max_len, arch, mask_id, hide_mask_domain):

@@ -13,8 +13,8 @@ Every user has a hidden topic z and a cursor c that advances around a ring of RI
   so a model that learnt the shortcut is misled exactly at evaluation (negative transfer by
   construction; the correlation holds in training only).
 
-The oracle knows z, c and that the spurious domain is random at evaluation; `oracle_metrics`
-ranks each evaluation target under the oracle's predictive distribution, the ceiling any
+The oracle knows z, c and that the spurious domain is random at evaluation; `oracle_table`
+scores each evaluation target under the oracle's predictive distribution, the ceiling any
 model can reach (HR@10 under full ranking).
 """
 import numpy as np
@@ -33,10 +33,11 @@ def _item(domain, topic, slot, copy=0):
     return f"d{domain}_t{topic}_{slot}"
 
 
-def generate(num_users=3000, min_len=20, max_len=60, seed=0):
+def generate(num_users=3000, min_len=20, max_len=60, seed=0, spurious=True):
     """Return an interaction frame as read_inter returns it (tokens as strings), with an extra
     "oracle" entry: per user, (topic, cursor before the valid target, cursor before the test
-    target), for oracle_metrics."""
+    target), for oracle_table. spurious=False makes the spurious domain random everywhere
+    (the control that shows what the shortcut costs the base model)."""
     rng = np.random.default_rng(seed)
     users, items, domains, times, oracle = [], [], [], [], {}
     for u in range(num_users):
@@ -56,7 +57,7 @@ def generate(num_users=3000, min_len=20, max_len=60, seed=0):
                 seq_items.append(_item(d, topic, slots[t]))
                 continue
             ahead = t + 2
-            if ahead <= length - 3 and seq_domains[ahead] != 2:  # a training target ahead
+            if spurious and ahead <= length - 3 and seq_domains[ahead] != 2:  # a training target
                 named = slots[ahead]
             else:
                 named = int(rng.integers(RING))

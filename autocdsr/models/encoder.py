@@ -7,11 +7,12 @@ import kernels
 
 
 class CrossDomainSelfAttention(nn.Module):
-    def __init__(self, hidden, heads, dropout, backend, num_domains):
+    def __init__(self, hidden, heads, dropout, backend, num_domains, head_dim=0):
         super().__init__()
         self.heads, self.backend, self.num_domains = heads, backend, num_domains
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.width = heads * (head_dim or hidden // heads)  # may exceed hidden (the T5 layout)
+        self.qkv = nn.Linear(hidden, 3 * self.width)
+        self.proj = nn.Linear(self.width, hidden)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, domains, seq_lens, causal, num_bottleneck):
@@ -21,18 +22,21 @@ class CrossDomainSelfAttention(nn.Module):
         out, mass = kernels.cross_domain_attention(
             q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
             backend=self.backend, num_domains=self.num_domains)
-        out = out.transpose(1, 2).reshape(batch, length, hidden)
+        out = out.transpose(1, 2).reshape(batch, length, self.width)
         return self.dropout(self.proj(out)), mass
 
 
 class Block(nn.Module):
-    def __init__(self, hidden, heads, dropout, backend, num_domains=None):
+    def __init__(self, hidden, heads, dropout, backend, num_domains=None, head_dim=0,
+                 ffn_hidden=0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden)
-        self.attn = CrossDomainSelfAttention(hidden, heads, dropout, backend, num_domains)
+        self.attn = CrossDomainSelfAttention(hidden, heads, dropout, backend, num_domains,
+                                             head_dim)
         self.norm2 = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(),
-                                 nn.Linear(4 * hidden, hidden), nn.Dropout(dropout))
+        ffn_hidden = ffn_hidden or 4 * hidden
+        self.ffn = nn.Sequential(nn.Linear(hidden, ffn_hidden), nn.GELU(),
+                                 nn.Linear(ffn_hidden, hidden), nn.Dropout(dropout))
 
     def forward(self, x, domains, seq_lens, causal, num_bottleneck):
         attended, mass = self.attn(self.norm1(x), domains, seq_lens, causal, num_bottleneck)
@@ -55,12 +59,13 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, num_embeddings, max_len, hidden, heads, layers, dropout, backend,
-                 num_domains, num_bottleneck=0, bottleneck_layers=0, bottleneck_domain=0):
+                 num_domains, num_bottleneck=0, bottleneck_layers=0, bottleneck_domain=0,
+                 head_dim=0, ffn_hidden=0):
         super().__init__()
         self.item_embedding = nn.Embedding(num_embeddings, hidden, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, backend, num_domains)
-                                    for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, backend, num_domains,
+                                          head_dim, ffn_hidden) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.num_bottleneck = num_bottleneck

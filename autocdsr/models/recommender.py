@@ -25,7 +25,7 @@ SHARED_SETS = ("reached", "all_but_items", "all")
 class Recommender(nn.Module):
     def __init__(self, cfg, num_items, num_domains, max_len, backend="auto", mask_domain="target"):
         """cfg: the model config (arch, layers, heads, hidden, dropout, bottleneck_tokens,
-        bottleneck_layers), e.g. autocdsr.config.ModelConfig."""
+        bottleneck_layers, head_dim, ffn_hidden), e.g. autocdsr.config.ModelConfig."""
         super().__init__()
         if cfg.arch not in ("sasrec", "bert4rec"):
             raise ValueError(f"arch must be 'sasrec' or 'bert4rec', got {cfg.arch!r}")
@@ -45,7 +45,8 @@ class Recommender(nn.Module):
         self.bottleneck_layers = bottleneck_layers if cfg.bottleneck_tokens else 0
         self.encoder = Encoder(num_items + 2, max_len, cfg.hidden, cfg.heads, cfg.layers,
                                cfg.dropout, backend, num_domains + 1, cfg.bottleneck_tokens,
-                               self.bottleneck_layers, self.ib_domain)
+                               self.bottleneck_layers, self.ib_domain,
+                               getattr(cfg, "head_dim", 0), getattr(cfg, "ffn_hidden", 0))
 
     @property
     def causal(self):

@@ -1,0 +1,189 @@
+"""One optimizer step of any objective, free of host synchronisation: the single
+implementation that training and the benchmarks run.
+
+forward (autocast on CUDA) -> L_rec, L_cd -> gradients (base: one pass; AutoCDSR: two passes,
+Gram matrix, on-device solver, combine; or one pass of L_rec + lambda L_cd when lambda is
+fixed or reused) -> clip to train.grad_clip -> non-finite check -> AdamW.
+
+Nothing reads a value back to the host: a non-finite step is skipped on the device (the
+update, the moments and the step count are left as they were; counted), the learning rate
+lives in a device tensor that the loop fills from the scheduler before the step, and every
+logged scalar is a 0-d device tensor. `torch.compile(step.function, fullgraph=True)` traces it
+whole (tests/test_step.py); `TrainStep(..., compile=True)` runs it compiled.
+
+The AdamW update is written out with _foreach ops (rather than torch.optim.AdamW.step, whose
+wrapper breaks the graph by design), on the optimizer's own state tensors, so checkpoints and
+the scheduler keep working with the torch.optim.AdamW object.
+"""
+import torch
+
+from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
+
+from .losses import recommendation_loss
+from .objectives import cross_domain_loss
+
+
+def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve):
+    """(grads, lam, cosine, ok): the update direction of every parameter.
+
+    mode "none" (base): g_rec. solve=False: one pass of L_rec + lam L_cd (fixed weighting, or
+    a lambda reused from an earlier step). solve=True: g_rec and g_cd in two passes, lambda
+    from the Gram matrix over params[gram_index], g_rec + lambda g_cd (g_rec alone where the
+    solver fell back, so a NaN in g_cd never reaches the update).
+    """
+    zero = torch.zeros((), device=loss_rec.device)
+    ok = torch.ones((), dtype=torch.bool, device=loss_rec.device)
+    if mode == "none":
+        return _materialise(torch.autograd.grad(loss_rec, params, allow_unused=True), params), \
+            zero, zero, ok
+    if not solve:
+        grads = torch.autograd.grad(loss_rec + lam * loss_cd, params, allow_unused=True)
+        return _materialise(grads, params), lam, zero, ok
+    g_rec = _materialise(torch.autograd.grad(loss_rec, params, retain_graph=True,
+                                             allow_unused=True), params)
+    g_cd = _materialise(torch.autograd.grad(loss_cd, params, allow_unused=True), params)
+    gram = gram_matrix([[g_cd[i] for i in gram_index], [g_rec[i] for i in gram_index]])
+    losses = torch.stack([loss_cd.detach().float(), loss_rec.detach().float()])
+    lam, ok = pareto_lambda(gram, losses, mode)
+    weighted = torch._foreach_mul(g_cd, lam)
+    grads = [torch.where(ok, r + w, r) for r, w in zip(g_rec, weighted)]
+    return grads, lam, gradient_cosine(gram).float(), ok
+
+
+def _materialise(grads, params):
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def clip_by_total_norm(grads, max_norm):
+    """(clipped grads, total norm) as torch.nn.utils.clip_grad_norm_ computes them."""
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return torch._foreach_mul(grads, scale.to(grads[0].dtype)), total
+
+
+@torch.no_grad()
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay,
+                 keep):
+    """torch.optim.AdamW's update with every effect multiplied by `keep` (a 0-d float, 1 or
+    0): keep = 0 leaves the parameters, both moments and the step count exactly as they were.
+    grads must be finite (zeroed where the step is skipped)."""
+    beta1, beta2 = betas
+    torch._foreach_add_(steps, keep)
+    step = steps[0]
+    tiny = torch.finfo(torch.float32).tiny  # step 0 (only while keep = 0) must not divide by 0
+    bias1 = (1 - beta1 ** step).clamp(min=tiny)
+    bias2 = (1 - beta2 ** step).clamp(min=tiny)
+    lr_now = lr * keep
+    torch._foreach_mul_(params, 1 - lr_now * weight_decay)
+    delta = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_mul_(delta, (1 - beta1) * keep)
+    torch._foreach_add_(exp_avgs, delta)
+    delta = torch._foreach_sub(torch._foreach_mul(grads, grads), exp_avg_sqs)
+    torch._foreach_mul_(delta, (1 - beta2) * keep)
+    torch._foreach_add_(exp_avg_sqs, delta)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias2.sqrt())
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(update, -lr_now / bias1)
+    torch._foreach_add_(params, update)
+
+
+class TrainStep:
+    """model + torch.optim.AdamW (its state, hyper-parameters and scheduler) + the objective.
+
+    step(batch) -> dict of 0-d device tensors: loss (L_rec), cd (L_cd), lam, cosine, skipped
+    (1.0 where the step was non-finite and skipped). Running counters on the device:
+    `fallbacks` (solver fell back to g_rec), `skipped`, `bad_in_row`.
+    """
+
+    def __init__(self, model, optimizer, *, loss="full", objective="base", mode="pareto",
+                 lam=0.1, every=1, shared="reached", grad_clip=1.0, num_negatives=1000,
+                 logits="dot", temperature=1.0, amp_dtype=None, compile=False):
+        self.model, self.optimizer = model, optimizer
+        self.loss_kwargs = dict(num_negatives=num_negatives, logits=logits,
+                                temperature=temperature)
+        self.loss, self.amp_dtype, self.grad_clip = loss, amp_dtype, grad_clip
+        self.mode = "none" if objective == "base" else mode
+        self.every = every
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        gram_ids = {id(p) for p in model.gram_parameters(shared)}
+        self.gram_index = [i for i, p in enumerate(self.params) if id(p) in gram_ids]
+        group = optimizer.param_groups[0]
+        if len(optimizer.param_groups) != 1 or group["params"] != self.params:
+            raise ValueError("TrainStep needs one AdamW param group holding every trainable parameter")
+        self.hyper = dict(betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        device = self.params[0].device
+        for p in self.params:  # the state torch.optim.AdamW would create on its first step
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.lr = torch.zeros((), device=device)
+        self.lam = torch.tensor(float(lam) if mode == "fixed" else 0.0, device=device)
+        self.cosine = torch.zeros((), device=device)
+        self.fallbacks = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_in_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = 0
+        self.function = self.run
+        if compile:
+            torch._dynamo.config.trace_autograd_ops = True  # trace torch.autograd.grad
+            self.function = torch.compile(self.run, fullgraph=True)
+
+    # ---------------------------------------------------------------- the traced function
+    def losses(self, batch):
+        model = self.model
+        with torch.autocast(batch["items"].device.type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):
+            hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"])
+            loss_rec = recommendation_loss(self.loss, hidden, model.item_weights(),
+                                           batch["targets"], batch["target_slots"],
+                                           batch["target_weight"], **self.loss_kwargs)
+        loss_cd = cross_domain_loss(model.objective_masses(masses),  # mass is float32
+                                    model.cd_query_mask(batch["domains"]))
+        return loss_rec.float(), loss_cd
+
+    def run(self, batch, lr, lam, solve):
+        """The whole step on tensors; solve (a Python bool) selects the two-pass branch."""
+        loss_rec, loss_cd = self.losses(batch)
+        grads, lam, cosine, ok = balanced_gradients(self.params, self.gram_index, loss_rec,
+                                                    loss_cd, self.mode, lam, solve)
+        grads, norm = clip_by_total_norm(grads, self.grad_clip)
+        finite = torch.isfinite(norm) & torch.isfinite(loss_rec)
+        grads = [torch.where(finite, g, 0.0) for g in grads]
+        state = [self.optimizer.state[p] for p in self.params]
+        adamw_update(self.params, grads, [s["exp_avg"] for s in state],
+                     [s["exp_avg_sq"] for s in state], [s["step"] for s in state], lr,
+                     keep=finite.float(), **self.hyper)
+        return {"loss": loss_rec.detach(), "cd": loss_cd.detach(), "lam": lam.detach(),
+                "cosine": cosine, "ok": ok, "finite": finite}
+
+    # ---------------------------------------------------------------- the host side
+    def solves_this_step(self):
+        return self.mode in ("pareto", "mgda") and self.steps % self.every == 0
+
+    def __call__(self, batch):
+        solve = self.solves_this_step()
+        self.lr.fill_(self.optimizer.param_groups[0]["lr"])
+        out = self.function(batch, self.lr, self.lam, solve)
+        if solve:
+            self.lam, self.cosine = out["lam"], out["cosine"]
+            self.fallbacks = self.fallbacks + (~out["ok"]).long()
+        bad = (~out["finite"]).long()
+        self.skipped = self.skipped + bad
+        self.bad_in_row = (self.bad_in_row + bad) * bad
+        self.steps += 1
+        return {"loss": out["loss"], "cd": out["cd"], "lam": self.lam.float(),
+                "cosine": self.cosine.float(), "skipped": bad.float()}
+
+    def state_dict(self):
+        return {"lam": self.lam, "cosine": self.cosine, "fallbacks": self.fallbacks,
+                "skipped": self.skipped, "bad_in_row": self.bad_in_row, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        for key in ("lam", "cosine", "fallbacks", "skipped", "bad_in_row"):
+            if key in state:
+                setattr(self, key, state[key].to(self.lam.device))
+        self.steps = state["steps"]
