@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from .masks import WILDCARD_DOMAIN
 from .validation import check_attention_inputs
@@ -350,7 +351,7 @@ def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
     mass = torch.empty_like(lse)
     grid = (triton.cdiv(length, flags["BLOCK_M"]), batch * heads)
-    _forward_kernel[grid](
+    wrap_triton(_forward_kernel)[grid](
         q, k, v, domains, seq_lens, out, lse, mass,
         *_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(out),
         domains.stride(0), heads, length, head_dim, num_bottleneck, scale * math.log2(math.e),
@@ -370,42 +371,71 @@ def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
     # Gradients are written contiguous, whatever the inputs' layout (autograd accepts that).
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     rows_grid = (triton.cdiv(length, dq_flags["BLOCK_M"]), batch * heads)
-    _backward_preprocess_kernel[rows_grid](
+    wrap_triton(_backward_preprocess_kernel)[rows_grid](
         out, d_out, mass, d_mass, delta, *_bhm_strides(out), *_bhm_strides(d_out),
         heads, length, head_dim, BLOCK_M=dq_flags["BLOCK_M"], BLOCK_D=dq_flags["BLOCK_D"],
         num_warps=dq_flags["num_warps"], num_stages=1)
     common = (*_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(d_out),
               domains.stride(0), *_bhm_strides(dq), heads, length, head_dim, num_bottleneck,
               scale, scale * math.log2(math.e))
-    _backward_dkdv_kernel[(triton.cdiv(length, dkdv_flags["BLOCK_N"]), batch * heads)](
+    wrap_triton(_backward_dkdv_kernel)[(triton.cdiv(length, dkdv_flags["BLOCK_N"]), batch * heads)](
         q, k, v, domains, seq_lens, d_out, lse, delta, d_mass, dk, dv, *common, **dkdv_flags)
-    _backward_dq_kernel[rows_grid](
+    wrap_triton(_backward_dq_kernel)[rows_grid](
         q, k, v, domains, seq_lens, d_out, lse, delta, d_mass, dq, *common, **dq_flags)
     return dq, dk, dv
 
 
-class CrossDomainAttentionFunction(torch.autograd.Function):
-    """Fused attention + mass; gradients flow through both outputs."""
+# The fused op is registered with torch.library (triton_op + wrap_triton), so torch.compile
+# traces through it without a graph break and, on CUDA, Inductor sees the Triton kernels. The
+# fake implementations give output shapes without running anything (they also let Dynamo
+# trace the op under TRITON_INTERPRET=1, where the kernels are not compiled objects).
 
-    @staticmethod
-    def forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
-        out, lse, mass = triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
-        return out, mass, lse
+@triton_op("autocdsr::cross_domain_attention_forward", mutates_args={})
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, domains: torch.Tensor,
+                seq_lens: torch.Tensor, causal: bool, num_bottleneck: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, mass)."""
+    return triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, domains, seq_lens, causal, num_bottleneck, scale = inputs
-        out, mass, lse = output
-        ctx.save_for_backward(q, k, v, domains, seq_lens, out, lse, mass)
-        ctx.causal, ctx.num_bottleneck, ctx.scale = causal, num_bottleneck, scale
-        ctx.mark_non_differentiable(lse)
 
-    @staticmethod
-    def backward(ctx, d_out, d_mass, _d_lse):
-        q, k, v, domains, seq_lens, out, lse, mass = ctx.saved_tensors
-        dq, dk, dv = triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
-                                     ctx.causal, ctx.num_bottleneck, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+@_forward_op.register_fake
+def _(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
+    rows = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), rows, torch.empty_like(rows)
+
+
+@triton_op("autocdsr::cross_domain_attention_backward", mutates_args={})
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, domains: torch.Tensor,
+                 seq_lens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 mass: torch.Tensor, d_out: torch.Tensor, d_mass: torch.Tensor, causal: bool,
+                 num_bottleneck: int, scale: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """(dq, dk, dv), written contiguous."""
+    return triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass, causal,
+                           num_bottleneck, scale)
+
+
+@_backward_op.register_fake
+def _(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass, causal, num_bottleneck, scale):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, domains, seq_lens, causal, num_bottleneck, scale = inputs
+    out, lse, mass = output
+    ctx.save_for_backward(q, k, v, domains, seq_lens, out, lse, mass)
+    ctx.causal, ctx.num_bottleneck, ctx.scale = causal, num_bottleneck, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, d_out, _d_lse, d_mass):
+    q, k, v, domains, seq_lens, out, lse, mass = ctx.saved_tensors
+    dq, dk, dv = _backward_op(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
+                              ctx.causal, ctx.num_bottleneck, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
@@ -416,8 +446,7 @@ def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_len
     if seq_lens is None:  # one code path: "no seq_lens" is "every row is L long"
         seq_lens = torch.full((q.shape[0],), q.shape[2], dtype=torch.int32, device=q.device)
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    out, mass, _ = CrossDomainAttentionFunction.apply(q, k, v, domains, seq_lens, causal,
-                                                      num_bottleneck, scale)
+    out, _, mass = _forward_op(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
     return out, mass
 
 
