@@ -3,6 +3,8 @@
   autocdsr evaluate  --checkpoint RUN_DIR/best.pt [key=value ...]
   autocdsr analyze   RUN_DIR [--against RUN_DIR ...]
   autocdsr compare   RUN_DIR ... [--group-by KEYS] [--baseline GROUP] [--out DIR]
+  autocdsr recommend --checkpoint RUN_DIR/best.pt --k K --out recs.tsv [--users FILE] [--domain D]
+  autocdsr export    --checkpoint RUN_DIR/best.pt --out DIR
 """
 import argparse
 import json
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, load_safe
 from .compare import DEFAULT_GROUP_BY, CompareError
+from .serve import ServeError
 from .config import ConfigError, load_config
 from .data.reader import DataError
 
@@ -58,6 +61,19 @@ def _compare(args):
     print(text)
 
 
+def _recommend(args):
+    from .serve import recommend
+    lines = recommend(args.checkpoint, args.k, args.out, args.users, args.domain,
+                      args.include_history)
+    print(f"wrote {lines} recommendations to {args.out}")
+
+
+def _export(args):
+    from .serve import export
+    meta = export(args.checkpoint, args.out)
+    print(f"wrote {meta['num_items']} item and {meta['num_users']} user vectors to {args.out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="autocdsr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,12 +94,24 @@ def main(argv=None):
     p_cmp.add_argument("--baseline", help="group label or key=value,... (default objective=base)")
     p_cmp.add_argument("--metrics", default="HR@10,NDCG@10")
     p_cmp.add_argument("--out", help="folder for compare.md and compare.csv")
+    p_rec = sub.add_parser("recommend", help="top-K items per user, as TSV")
+    p_rec.add_argument("--checkpoint", required=True)
+    p_rec.add_argument("--k", type=int, default=10)
+    p_rec.add_argument("--out", required=True)
+    p_rec.add_argument("--users", help="file with one user token per line (default: every user)")
+    p_rec.add_argument("--domain", help="recommend only items of this domain token")
+    p_rec.add_argument("--include-history", action="store_true",
+                       help="keep items the user has already interacted with")
+    p_exp = sub.add_parser("export", help="item embeddings and user states as .npy")
+    p_exp.add_argument("--checkpoint", required=True)
+    p_exp.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    commands = {"train": _train, "evaluate": _evaluate, "analyze": _analyze, "compare": _compare}
+    commands = {"train": _train, "evaluate": _evaluate, "analyze": _analyze, "compare": _compare,
+                "recommend": _recommend, "export": _export}
     try:
         commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, CompareError, FloatingPointError,
-            ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, CompareError, ServeError,
+            FloatingPointError, ValueError) as err:
         print(f"autocdsr: error: {err}", file=sys.stderr)
         return 2
     return 0

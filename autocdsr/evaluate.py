@@ -43,14 +43,72 @@ def sample_negatives(protocol, data, split, rows, rng):
             if not clash.any():
                 return negatives
             negatives[clash] = rng.integers(1, data.num_items + 1, size=int(clash.sum()))
-    out = np.zeros((len(rows), 999), dtype=np.int64)
-    for b, r in enumerate(rows):
-        pool = data.domain_items[split.target_domains[r]]
-        seen = np.union1d(split.row(r)[0], [targets[b]])
-        allowed = np.setdiff1d(pool, seen, assume_unique=False)
-        if len(allowed) == 0:
-            allowed = np.setdiff1d(np.arange(1, data.num_items + 1), seen)
-        out[b] = rng.choice(allowed, size=999, replace=len(allowed) < 999)
+    return domain_negatives(data, split, rows, rng)
+
+
+def _first_occurrences(draws):
+    """[B, M] bool: True where draws[b, m] did not occur earlier in row b."""
+    order = np.argsort(draws, axis=1, kind="stable")
+    ordered = np.take_along_axis(draws, order, axis=1)
+    repeat = np.zeros_like(draws, dtype=bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    first = np.empty_like(repeat)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    return first
+
+
+def domain_negatives(data, split, rows, rng, count=999):
+    """[B, count] negatives per row, uniform over the target domain's items minus the row's
+    history and target (the uni999_domain protocol), with no Python loop over rows.
+
+    Rejection sampling: draw uniformly from the domain's pool and keep, in draw order, the
+    first `count` draws that are allowed and (where the allowed pool has at least `count`
+    items) not drawn before: sequential rejection of repeats is sampling without replacement.
+    Rows whose allowed pool is smaller than `count` keep repeats (sampling with replacement);
+    a row with nothing allowed draws from the whole catalogue minus its history.
+    """
+    rows = np.asarray(rows)
+    batch = len(rows)
+    stride = data.num_items + 2
+    pools = [data.domain_items[d] for d in range(data.num_domains)]
+    sizes = np.array([len(p) for p in pools])
+    offsets = np.r_[0, np.cumsum(sizes)]
+    flat_pools = np.concatenate(pools)
+    domains = split.target_domains[rows]
+    lo, hi = split.offsets[rows], split.offsets[rows + 1]
+    lengths = hi - lo
+    starts = np.repeat(lo - (np.cumsum(lengths) - lengths), lengths)
+    history = split.items[starts + np.arange(lengths.sum())]
+    seen = np.unique(np.r_[np.repeat(np.arange(batch), lengths) * stride + history,
+                           np.arange(batch) * stride + split.targets[rows]])
+    # allowed pool size of each row: pool minus the distinct seen items that lie in it
+    in_pool = np.zeros((data.num_domains, stride), dtype=bool)
+    in_pool[np.repeat(np.arange(data.num_domains), sizes), flat_pools] = True
+    seen_rows = seen // stride
+    allowed = sizes[domains] - np.bincount(seen_rows, in_pool[domains[seen_rows], seen % stride],
+                                           minlength=batch).astype(np.int64)
+    distinct = allowed >= count
+    out = np.zeros((batch, count), dtype=np.int64)
+    todo = np.flatnonzero(allowed > 0)
+    margin = 1.25
+    while len(todo):
+        ratio = sizes[domains[todo]] / allowed[todo]  # draws per accepted one, on average
+        width = int(min(margin * count * ratio.max() + 64, (1 << 22) // len(todo) + count))
+        picks = (rng.random((len(todo), width)) * sizes[domains[todo], None]).astype(np.int64)
+        draws = flat_pools[offsets[domains[todo], None] + picks]
+        keys = todo[:, None] * stride + draws
+        at = np.searchsorted(seen, keys).clip(max=len(seen) - 1)
+        ok = seen[at] != keys
+        if distinct[todo].any():
+            ok &= _first_occurrences(draws) | ~distinct[todo, None]
+        done = ok.sum(axis=1) >= count
+        first = ok & (np.cumsum(ok, axis=1) <= count)  # the first `count` accepted draws
+        out[todo[done]] = draws[done][first[done]].reshape(-1, count)
+        todo = todo[~done]
+        margin *= 2
+    for b in np.flatnonzero(allowed <= 0):  # nothing allowed in the domain (degenerate)
+        excluded = np.r_[history[np.repeat(np.arange(batch), lengths) == b], split.targets[rows[b]]]
+        out[b] = rng.choice(np.setdiff1d(np.arange(1, data.num_items + 1), excluded), size=count)
     return out
 
 

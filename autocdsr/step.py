@@ -130,6 +130,9 @@ class TrainStep:
         self.function = self.run
         if compile:
             torch._dynamo.config.trace_autograd_ops = True  # trace torch.autograd.grad
+            # compiled dropout draws eager's random numbers: a compiled run equals an eager one
+            import torch._inductor.config as inductor_config
+            inductor_config.fallback_random = True
             self.function = torch.compile(self.run, fullgraph=True)
 
     # ---------------------------------------------------------------- the traced function

@@ -6,8 +6,10 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -74,6 +76,11 @@ def environment_record():
     except (OSError, subprocess.SubprocessError):
         record["git_commit"] = None
     return record
+
+
+# The step updates the parameters itself (autocdsr.step), not through optimizer.step(), which
+# the scheduler's order check cannot see: the schedule is applied as intended.
+warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
 
 
 class Trainer:
