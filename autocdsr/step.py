@@ -11,9 +11,11 @@ lives in a device tensor that the loop fills from the scheduler before the step,
 logged scalar is a 0-d device tensor. `torch.compile(step.function, fullgraph=True)` traces it
 whole (tests/test_step.py); `TrainStep(..., compile=True)` runs it compiled.
 
-The AdamW update is written out with _foreach ops (rather than torch.optim.AdamW.step, whose
-wrapper breaks the graph by design), on the optimizer's own state tensors, so checkpoints and
-the scheduler keep working with the torch.optim.AdamW object.
+Two ways to apply AdamW, on the optimizer's own state (checkpoints and the scheduler work
+with the torch.optim.AdamW object either way): compiled, the update is written out with
+_foreach ops (adamw_update; torch.optim.AdamW.step breaks the graph by design, and the
+compiler fuses the written-out update); eager with an optimizer built with fused=True, torch's
+fused AdamW kernel, whose found_inf input skips a non-finite step on the device.
 """
 import torch
 
@@ -54,11 +56,11 @@ def _materialise(grads, params):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def clip_by_total_norm(grads, max_norm):
-    """(clipped grads, total norm) as torch.nn.utils.clip_grad_norm_ computes them."""
+def clip_scale(grads, max_norm):
+    """(scale, total norm): clipping multiplies every gradient by scale, as
+    torch.nn.utils.clip_grad_norm_ does (applied later, fused into the update)."""
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    return torch._foreach_mul(grads, scale.to(grads[0].dtype)), total
+    return (max_norm / (total + 1e-6)).clamp(max=1.0), total
 
 
 @torch.no_grad()
@@ -87,6 +89,17 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, we
     update = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(update, -lr_now / bias1)
     torch._foreach_add_(params, update)
+
+
+def make_optimizer(model, train_cfg, compiled=False):
+    """AdamW over every trainable parameter: fused (one kernel, device-side skip) for the eager
+    step; plain and capturable (the step count on the parameters' device) for the compiled
+    one, which applies the update itself."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    if compiled:
+        return torch.optim.AdamW(params, capturable=params[0].is_cuda, **kw)
+    return torch.optim.AdamW(params, fused=True, **kw)
 
 
 class TrainStep:
@@ -127,7 +140,8 @@ class TrainStep:
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_in_row = torch.zeros((), dtype=torch.int64, device=device)
         self.steps = 0
-        self.function = self.run
+        fused = optimizer.defaults.get("fused")
+        self.function = self.run_eager if fused else self.run
         if compile:
             torch._dynamo.config.trace_autograd_ops = True  # trace torch.autograd.grad
             # compiled dropout draws eager's random numbers: a compiled run equals an eager one
@@ -148,20 +162,41 @@ class TrainStep:
                                     model.cd_query_mask(batch["domains"]))
         return loss_rec.float(), loss_cd
 
-    def run(self, batch, lr, lam, solve):
-        """The whole step on tensors; solve (a Python bool) selects the two-pass branch."""
+    def gradients(self, batch, lam, solve):
+        """(grads, clip scale, finite flag, scalars): everything but the parameter update."""
         loss_rec, loss_cd = self.losses(batch)
         grads, lam, cosine, ok = balanced_gradients(self.params, self.gram_index, loss_rec,
                                                     loss_cd, self.mode, lam, solve)
-        grads, norm = clip_by_total_norm(grads, self.grad_clip)
+        scale, norm = clip_scale(grads, self.grad_clip)
         finite = torch.isfinite(norm) & torch.isfinite(loss_rec)
-        grads = [torch.where(finite, g, 0.0) for g in grads]
+        return grads, scale, finite, {"loss": loss_rec.detach(), "cd": loss_cd.detach(),
+                                      "lam": lam.detach(), "cosine": cosine, "ok": ok,
+                                      "finite": finite}
+
+    def run(self, batch, lr, lam, solve):
+        """The whole step on tensors, as one traceable function (solve, a Python bool, selects
+        the two-pass branch); the update is adamw_update, which a compiler fuses."""
+        grads, scale, finite, out = self.gradients(batch, lam, solve)
+        grads = [torch.where(finite, g * scale, 0.0) for g in grads]
         state = [self.optimizer.state[p] for p in self.params]
         adamw_update(self.params, grads, [s["exp_avg"] for s in state],
                      [s["exp_avg_sq"] for s in state], [s["step"] for s in state], lr,
                      keep=finite.float(), **self.hyper)
-        return {"loss": loss_rec.detach(), "cd": loss_cd.detach(), "lam": lam.detach(),
-                "cosine": cosine, "ok": ok, "finite": finite}
+        return out
+
+    def run_eager(self, batch, lr, lam, solve):
+        """The same step uncompiled, with torch's fused AdamW kernel: one pass over parameters
+        and moments that also applies the clip scale (grad_scale) and skips a non-finite step
+        on the device (found_inf)."""
+        grads, scale, finite, out = self.gradients(batch, lam, solve)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.grad_scale = 1.0 / scale  # the kernel divides by it: clipping, fused
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        return out
 
     # ---------------------------------------------------------------- the host side
     def solves_this_step(self):

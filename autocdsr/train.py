@@ -23,7 +23,7 @@ from .data.synthetic import generate, oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
 from .models import Recommender
-from .step import TrainStep
+from .step import TrainStep, make_optimizer
 
 log = logging.getLogger("autocdsr")
 
@@ -94,10 +94,7 @@ class Trainer:
         if len(self.data.train) < 1:
             raise ValueError("no training sequences")
         self.model = build_model(cfg, self.data).to(self.device)
-        # capturable: the step count lives on the parameters' device (the step reads it there)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay,
-                                           capturable=self.device.type == "cuda")
+        self.optimizer = make_optimizer(self.model, cfg.train, compiled=cfg.train.compile)
         self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.train.batch_size)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)

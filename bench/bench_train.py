@@ -15,7 +15,7 @@ import os
 import torch
 
 from autocdsr.config import ModelConfig
-from autocdsr.data.batches import target_slots
+from autocdsr.data.batches import cloze_capacity, target_slots
 from autocdsr.models import Recommender
 from autocdsr.step import TrainStep
 from bench.timing import quantiles, wall_times_ms
@@ -37,7 +37,8 @@ def make_batch(arch, size, device, seed=0):
     targets = torch.where(pad, 0, torch.randint(1, size["items"] + 1, (b, length), generator=gen))
     if arch == "bert4rec":
         targets = torch.where(torch.rand(b, length, generator=gen) < 0.15, targets, 0)
-    slots, weight = target_slots(targets.numpy(), b * length)
+    capacity = cloze_capacity(b, length, 0.15) if arch == "bert4rec" else b * length
+    slots, weight = target_slots(targets.numpy(), capacity)
     batch = dict(items=items, domains=domains, seq_lens=seq_lens, targets=targets,
                  target_slots=torch.from_numpy(slots), target_weight=torch.from_numpy(weight))
     return {k: t.to(device) for k, t in batch.items()}

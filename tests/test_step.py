@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from autocdsr.config import ModelConfig
+from autocdsr.config import ModelConfig, TrainConfig
 from autocdsr.data.batches import bert4rec_train_batch, sasrec_train_batch
 from autocdsr.data.dataset import build_leave_one_out
 from autocdsr.data.synthetic import generate
 from autocdsr.models import Recommender
-from autocdsr.step import TrainStep, adamw_update
+from autocdsr.step import TrainStep, adamw_update, make_optimizer
 from kernels.attention import triton_available
 
 
@@ -69,7 +69,8 @@ def _setup(arch, objective, bottleneck, backend="sdpa", batch_size=6, max_len=12
 
 
 def _one_step(model, batch, objective, compile, backend="aot_eager"):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    """Two steps of the same function (written-out AdamW), eager or compiled."""
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-2), compiled=True)
     step = TrainStep(model, optimizer, loss="full", objective=objective, compile=compile)
     if compile:  # the graph-break check without inductor's C++ build: AOT autograd, eager ops
         step.function = torch.compile(step.run, fullgraph=True, backend=backend)
@@ -106,3 +107,19 @@ def test_step_with_the_fused_kernels_compiles_fullgraph():
     assert torch.allclose(eager_out[1]["lam"], compiled_out[1]["lam"], atol=1e-5)
     for a, b in zip(eager_params, compiled_params):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_eager_step_skips_a_non_finite_step_exactly():
+    model, batch = _setup("sasrec", "autocdsr", 0)
+    step = TrainStep(model, make_optimizer(model, TrainConfig()), objective="autocdsr")
+    step(batch)
+    before = copy.deepcopy((model.state_dict(), step.optimizer.state_dict()))
+    batch["target_weight"] = batch["target_weight"] * float("nan")
+    out = step(batch)
+    assert out["skipped"].item() == 1.0 and step.skipped.item() == 1
+    after = (model.state_dict(), step.optimizer.state_dict())
+    for key, value in before[0].items():
+        assert torch.equal(value, after[0][key])
+    for p, state in before[1]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, after[1]["state"][p][key]), key
