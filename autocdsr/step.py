@@ -25,13 +25,19 @@ from .losses import recommendation_loss
 from .objectives import cross_domain_loss
 
 
-def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve):
+def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, lookup=None):
     """(grads, lam, cosine, ok): the update direction of every parameter.
 
     mode "none" (base): g_rec. solve=False: one pass of L_rec + lam L_cd (fixed weighting, or
     a lambda reused from an earlier step). solve=True: g_rec and g_cd in two passes, lambda
     from the Gram matrix over params[gram_index], g_rec + lambda g_cd (g_rec alone where the
     solver fell back, so a NaN in g_cd never reaches the update).
+
+    lookup = (table index in params, items [B, L], item_vectors [B, L, H] = table[items]):
+    L_cd reaches the item table only through this lookup, so its gradient is taken with
+    respect to the [B, L, H] lookup output and added, times lambda, into the touched rows of
+    g_rec's table gradient (index_add): the second pass never writes a dense table gradient
+    and the combine never sweeps the table. (The table must then not be in the Gram set.)
     """
     zero = torch.zeros((), device=loss_rec.device)
     ok = torch.ones((), dtype=torch.bool, device=loss_rec.device)
@@ -43,12 +49,27 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve):
         return _materialise(grads, params), lam, zero, ok
     g_rec = _materialise(torch.autograd.grad(loss_rec, params, retain_graph=True,
                                              allow_unused=True), params)
-    g_cd = _materialise(torch.autograd.grad(loss_cd, params, allow_unused=True), params)
+    table = -1 if lookup is None else lookup[0]
+    others = [i for i in range(len(params)) if i != table]
+    wrt = [params[i] for i in others] + ([] if lookup is None else [lookup[2]])
+    g_wrt = torch.autograd.grad(loss_cd, wrt, allow_unused=True)
+    g_cd = [None] * len(params)
+    for i, g in zip(others, g_wrt):
+        g_cd[i] = g
+    g_cd = _materialise(g_cd, params) if lookup is None else g_cd
     gram = gram_matrix([[g_cd[i] for i in gram_index], [g_rec[i] for i in gram_index]])
     losses = torch.stack([loss_cd.detach().float(), loss_rec.detach().float()])
     lam, ok = pareto_lambda(gram, losses, mode)
-    weighted = torch._foreach_mul(g_cd, lam)
-    grads = [torch.where(ok, r + w, r) for r, w in zip(g_rec, weighted)]
+    dense = [i for i in range(len(params)) if g_cd[i] is not None]
+    weighted = torch._foreach_mul([g_cd[i] for i in dense], lam)
+    grads = list(g_rec)
+    for i, w in zip(dense, weighted):
+        grads[i] = torch.where(ok, g_rec[i] + w, g_rec[i])
+    if lookup is not None and g_wrt[-1] is not None:
+        _, items, vectors = lookup
+        keep = ok & (items != 0)[..., None]  # row 0 is padding (no gradient, as padding_idx)
+        rows = torch.where(keep, lam * g_wrt[-1], 0.0).reshape(-1, vectors.shape[-1])
+        grads[table] = g_rec[table].index_add(0, items.reshape(-1), rows.to(g_rec[table].dtype))
     return grads, lam, gradient_cosine(gram).float(), ok
 
 
@@ -122,6 +143,9 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         gram_ids = {id(p) for p in model.gram_parameters(shared)}
         self.gram_index = [i for i, p in enumerate(self.params) if id(p) in gram_ids]
+        self.table_index = next(i for i, p in enumerate(self.params)
+                                if p is model.item_embedding.weight)
+        self.table_in_gram = self.table_index in self.gram_index
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) != 1 or group["params"] != self.params:
             raise ValueError("TrainStep needs one AdamW param group holding every trainable parameter")
@@ -151,22 +175,26 @@ class TrainStep:
 
     # ---------------------------------------------------------------- the traced function
     def losses(self, batch):
+        """(L_rec, L_cd, item_vectors): item_vectors is the item-table lookup of the batch."""
         model = self.model
         with torch.autocast(batch["items"].device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
-            hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"])
+            item_vectors = model.item_embedding(batch["items"])
+            hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"],
+                                   item_vectors)
             loss_rec = recommendation_loss(self.loss, hidden, model.item_weights(),
                                            batch["targets"], batch["target_slots"],
                                            batch["target_weight"], **self.loss_kwargs)
         loss_cd = cross_domain_loss(model.objective_masses(masses),  # mass is float32
                                     model.cd_query_mask(batch["domains"]))
-        return loss_rec.float(), loss_cd
+        return loss_rec.float(), loss_cd, item_vectors
 
     def gradients(self, batch, lam, solve):
         """(grads, clip scale, finite flag, scalars): everything but the parameter update."""
-        loss_rec, loss_cd = self.losses(batch)
+        loss_rec, loss_cd, item_vectors = self.losses(batch)
+        lookup = None if self.table_in_gram else (self.table_index, batch["items"], item_vectors)
         grads, lam, cosine, ok = balanced_gradients(self.params, self.gram_index, loss_rec,
-                                                    loss_cd, self.mode, lam, solve)
+                                                    loss_cd, self.mode, lam, solve, lookup)
         scale, norm = clip_scale(grads, self.grad_clip)
         finite = torch.isfinite(norm) & torch.isfinite(loss_rec)
         return grads, scale, finite, {"loss": loss_rec.detach(), "cd": loss_cd.detach(),

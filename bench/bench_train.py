@@ -75,7 +75,7 @@ def step_fn(model, optimizer, batch, objective, loss_kind, compile=False):
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            paper_style_backward(model, *reference.losses(batch))
+            paper_style_backward(model, *reference.losses(batch)[:2])
             optimizer.step()
         return step
     train_step = TrainStep(model, optimizer, loss=loss_kind, compile=compile,

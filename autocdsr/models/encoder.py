@@ -76,12 +76,16 @@ class Encoder(nn.Module):
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def forward(self, items, domains, seq_lens, causal):
+    def forward(self, items, domains, seq_lens, causal, item_vectors=None):
         """Returns hidden [B, L, hidden] over the real positions and the list of per-layer
-        masses [B, H, L], IB positions removed (their mass is 0 by definition)."""
+        masses [B, H, L], IB positions removed (their mass is 0 by definition).
+        item_vectors: the item-table lookup of `items`, when the caller made it (to take a
+        gradient with respect to it rather than to the whole table)."""
         batch, length = items.shape
         positions = torch.arange(length, device=items.device)
-        x = self.item_embedding(items) + self.position_embedding(positions)[None]
+        if item_vectors is None:
+            item_vectors = self.item_embedding(items)
+        x = item_vectors + self.position_embedding(positions)[None]
         nb = self.num_bottleneck
         if nb:
             x = torch.cat([self.bottleneck_embedding.expand(batch, nb, -1).to(x.dtype), x], dim=1)

@@ -56,9 +56,9 @@ class Recommender(nn.Module):
     def item_embedding(self):
         return self.encoder.item_embedding
 
-    def forward(self, items, domains, seq_lens):
+    def forward(self, items, domains, seq_lens, item_vectors=None):
         """Hidden states [B, L, hidden] and the per-layer masses [B, H, L]."""
-        return self.encoder(items, domains, seq_lens, self.causal)
+        return self.encoder(items, domains, seq_lens, self.causal, item_vectors)
 
     def item_weights(self):
         """[num_items + 1, hidden] scoring table (row 0 = padding, never a valid answer)."""
