@@ -10,15 +10,14 @@ two compiled calls returning the LSE, mass = exp(LSE_cross - LSE_all)), referenc
 (materialised P), sdpa_plain (SDPA without the mass: the speed without the objective).
 """
 import argparse
-import datetime
 import json
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from bench.report import device_name, save
 from bench.timing import quantiles, wall_times_ms
 from kernels.masks import padding_mask
 
@@ -119,7 +118,8 @@ def min_bytes(shape, dtype, backward):
     return tensors + rows + batch * length * 8
 
 
-def bench_one(fn, shape, dtype, mode, device, backward):
+def make_call(fn, shape, dtype, mode, device, backward):
+    """A no-argument closure running one provider call (forward, or forward + backward)."""
     causal, nb = MODES[mode]
     q, k, v, domains, seq_lens = make_case(shape, dtype, device)
     kw = dict(causal=causal, num_bottleneck=nb, seq_lens=seq_lens)
@@ -135,6 +135,11 @@ def bench_one(fn, shape, dtype, mode, device, backward):
         def run():
             with torch.no_grad():
                 fn(q, k, v, domains, **kw)
+    return run
+
+
+def bench_one(fn, shape, dtype, mode, device, backward):
+    run = make_call(fn, shape, dtype, mode, device, backward)
     run()  # compile / warm up
     peak = None
     if device.type == "cuda":
@@ -201,12 +206,6 @@ def markdown(rows, device_name):
     return "\n".join(lines)
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -228,13 +227,7 @@ def main(argv=None):
     table = markdown(rows, name)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stamp = datetime.date.today().isoformat()
-        result = {"device": name, "date": stamp, "torch": torch.__version__, "rows": rows}
-        with open(os.path.join(args.out, "attention.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "attention.md"), "w") as f:
-            f.write(table + "\n")
+        save(args.out, "attention", rows, table, device)
     return rows
 
 

@@ -17,7 +17,12 @@ def _gradients(device, sizes, seed=0):
     return [[torch.randn(s, generator=gen).to(device) for s in sizes] for _ in range(2)]
 
 
-def run(device, reps=50, sizes=((64, 64),) * 8 + ((256, 64), (64, 256)) * 4):
+SIZES = ((64, 64),) * 8 + ((256, 64), (64, 256)) * 4
+
+
+def solver_calls(device, sizes=SIZES):
+    """{name: closure}: Gram matrix + solver on the device, compiled (CUDA), and the paper's
+    host path."""
     grads = _gradients(device, sizes)
     losses = torch.tensor([0.3, 2.5], device=device)
 
@@ -34,13 +39,17 @@ def run(device, reps=50, sizes=((64, 64),) * 8 + ((256, 64), (64, 256)) * 4):
         gram = pareto.gram_matrix(grads)
         return pareto.pareto_lambda_fused(gram, losses)
 
-    providers = [("device", on_device), ("reference_host", paper_host)]
+    providers = {"device": on_device, "reference_host": paper_host}
     if device.type == "cuda":
-        providers.insert(1, ("device_compiled", on_device_compiled))
+        providers["device_compiled"] = on_device_compiled
         eager, compiled = on_device()[0], on_device_compiled()[0]
         assert torch.allclose(eager, compiled, atol=1e-6), (eager, compiled)
+    return providers
+
+
+def run(device, reps=50, sizes=SIZES):
     rows = []
-    for name, fn in providers:
+    for name, fn in solver_calls(device, sizes).items():
         median_ms = quantiles(wall_times_ms(fn, device, warmup=1, reps=reps))[0]
         rows.append({"solver": name, "us_median": 1000 * median_ms,
                      "parameters": sum(a * b for a, b in sizes)})

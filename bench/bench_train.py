@@ -1,29 +1,35 @@
 """Time per training step and peak memory: SASRec / BERT4Rec x base / AutoCDSR / AutoCDSR+
-x attention backend, and a paper-code-style AutoCDSR step (three backward passes, gradients
-flattened and concatenated, the solver on the host with .item() calls) on the same model.
-Overheads are reported as ratios to the base model with the same arch and backend
-(the paper reports +9.34% for AutoCDSR and +19.96% for AutoCDSR+).
+x attention backend x step mode (eager, compiled), and a paper-code-style AutoCDSR step (three
+backward passes, gradients flattened and concatenated, the solver on the host with .item()
+calls) on the same model. Every step but the paper-style one is autocdsr.step.TrainStep, the
+trainer's own. Times are ratios to the base model with the same arch, backend and mode (the
+paper reports +9.34% for AutoCDSR and +19.96% for AutoCDSR+).
 
     python -m bench.bench_train --device cuda --out bench/results/DIR
+    python -m bench.bench_train --preset paper --out bench/results/DIR      # official shape
     python -m bench.bench_train --device cpu --quick
 """
 import argparse
-import datetime
 import json
-import os
 
 import torch
 
-from autocdsr.config import ModelConfig
+from autocdsr.config import ModelConfig, TrainConfig
 from autocdsr.data.batches import cloze_capacity, target_slots
 from autocdsr.models import Recommender
-from autocdsr.step import TrainStep
+from autocdsr.step import TrainStep, make_optimizer
+from bench.report import device_name, save
 from bench.timing import quantiles, wall_times_ms
 from kernels import reference_pareto as host_solver
 
 FULL = dict(batch=128, length=200, items=20000, hidden=64, heads=2, layers=2, steps=20)
 QUICK = dict(batch=16, length=40, items=2000, hidden=32, heads=2, layers=2, steps=4)
 CPU = dict(batch=64, length=50, items=5000, hidden=64, heads=2, layers=2, steps=8)
+# The official AutoCDSR model's shape: BERT4Rec, 6 layers, hidden 32, 4 heads of width 32 (its
+# T5 attention is wider than the hidden size), feed-forward 32, 1M items, in-batch loss.
+PAPER = dict(items=1_000_000, hidden=32, heads=4, head_dim=32, ffn=32, layers=6, steps=5)
+PAPER_SHAPES = ((16, 800), (64, 200))
+PAPER_CASES = [("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "autocdsr_plus")]
 
 
 def make_batch(arch, size, device, seed=0):
@@ -68,9 +74,10 @@ def paper_style_backward(model, loss_rec, loss_cd):
     (loss_rec + loss_cd * lam).backward()
 
 
-def step_fn(model, optimizer, batch, objective, loss_kind, compile=False):
+def step_fn(model, batch, objective, loss_kind, compile=False):
     """The project's step (autocdsr.step.TrainStep), or the paper-code-style step."""
     if objective == "paper_autocdsr":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         reference = TrainStep(model, optimizer, loss=loss_kind)  # for its forward only
 
         def step():
@@ -78,10 +85,22 @@ def step_fn(model, optimizer, batch, objective, loss_kind, compile=False):
             paper_style_backward(model, *reference.losses(batch)[:2])
             optimizer.step()
         return step
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3), compiled=compile)
     train_step = TrainStep(model, optimizer, loss=loss_kind, compile=compile,
                            objective="base" if objective == "base" else "autocdsr",
                            amp_dtype=torch.bfloat16 if batch["items"].is_cuda else None)
     return lambda: train_step(batch)
+
+
+def case_step(arch, objective, size, device, backend, loss_kind="full", compile=False):
+    """A no-argument closure: one training step of (arch, objective) at `size`."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch=arch, hidden=size["hidden"], heads=size["heads"],
+                            layers=size["layers"], dropout=0.0,
+                            head_dim=size.get("head_dim", 0), ffn_hidden=size.get("ffn", 0),
+                            bottleneck_tokens=4 if objective == "autocdsr_plus" else 0)
+    model = Recommender(model_cfg, size["items"], 4, size["length"], backend=backend).to(device)
+    return step_fn(model, make_batch(arch, size, device), objective, loss_kind, compile)
 
 
 def measure(step, device, steps):
@@ -95,74 +114,84 @@ def measure(step, device, steps):
     return (*quantiles(times), peak)
 
 
-def run(device, size, backends, loss_kind="full", log=print):
+def run(device, size, backends, loss_kind="full", cases=None, modes=("eager",), log=print):
     rows = []
-    cases = [("sasrec", "base"), ("sasrec", "autocdsr"), ("sasrec", "paper_autocdsr"),
-             ("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "paper_autocdsr"),
-             ("bert4rec", "autocdsr_plus")]
+    cases = cases or [("sasrec", "base"), ("sasrec", "autocdsr"), ("sasrec", "paper_autocdsr"),
+                      ("bert4rec", "base"), ("bert4rec", "autocdsr"),
+                      ("bert4rec", "paper_autocdsr"), ("bert4rec", "autocdsr_plus")]
     for backend in backends:
-        for arch, objective in cases:
-            torch.manual_seed(0)
-            model_cfg = ModelConfig(arch=arch, hidden=size["hidden"], heads=size["heads"],
-                                    layers=size["layers"], dropout=0.0,
-                                    bottleneck_tokens=4 if objective == "autocdsr_plus" else 0)
-            model = Recommender(model_cfg, size["items"], 4, size["length"],
-                                backend=backend).to(device)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            batch = make_batch(arch, size, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                median, p20, p80, peak = measure(step_fn(model, optimizer, batch, objective, loss_kind),
-                                                 device, size["steps"])
-            row = {"backend": backend, "arch": arch, "objective": objective, "ms_median": median,
-                   "ms_p20": p20, "ms_p80": p80, "peak_mib": peak}
-            rows.append(row)
-            log(json.dumps(row))
-    base = {(r["backend"], r["arch"]): r["ms_median"] for r in rows if r["objective"] == "base"}
+        for mode in modes:
+            for arch, objective in cases:
+                if objective == "paper_autocdsr" and mode != "eager":
+                    continue  # the official procedure is host-bound: it has no compiled form
+                step = case_step(arch, objective, size, device, backend, loss_kind,
+                                 compile=mode == "compiled")
+                median, p20, p80, peak = measure(step, device, size["steps"])
+                row = {"backend": backend, "mode": mode, "arch": arch, "objective": objective,
+                       "ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mib": peak}
+                rows.append(row)
+                log(json.dumps(row))
+    base = {(r["backend"], r["mode"], r["arch"]): r["ms_median"]
+            for r in rows if r["objective"] == "base"}
     for r in rows:
-        r["overhead_vs_base"] = r["ms_median"] / base[(r["backend"], r["arch"])] - 1
+        key = (r["backend"], r["mode"], r["arch"])
+        r["ratio_to_base"] = r["ms_median"] / base[key] if key in base else None
     return rows
 
 
-def markdown(rows, device_name, size):
-    lines = [f"Device: {device_name}. Batch {size['batch']} x L {size['length']}, "
-             f"{size['items']} items, hidden {size['hidden']}, {size['layers']} layers, "
-             f"full softmax; ms per optimizer step (median [p20, p80]); overhead = vs the base "
-             f"model with the same arch and backend.", "",
-             "| backend | arch | objective | ms / step | peak MiB | overhead |",
-             "|---|---|---|---|---|---|"]
+def markdown(rows, device_name, size, loss_kind):
+    shape = f"batch {size['batch']} x L {size['length']}, {size['items']} items, hidden " \
+            f"{size['hidden']}, {size['heads']} heads" + \
+            (f" of width {size['head_dim']}" if size.get("head_dim") else "") + \
+            f", {size['layers']} layers, {loss_kind} loss"
+    lines = [f"Device: {device_name}. {shape}; ms per optimizer step (median [p20, p80]); "
+             "ratio = vs the base model with the same arch, backend and mode.", "",
+             "| backend | mode | arch | objective | ms / step | peak MiB | ratio to base |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-        lines.append(f"| {r['backend']} | {r['arch']} | {r['objective']} | {r['ms_median']:.2f} "
-                     f"[{r['ms_p20']:.2f}, {r['ms_p80']:.2f}] | {peak} | "
-                     f"{100 * r['overhead_vs_base']:+.1f}% |")
+        ratio = f"{r['ratio_to_base']:.2f}x" if r["ratio_to_base"] else "-"
+        lines.append(f"| {r['backend']} | {r['mode']} | {r['arch']} | {r['objective']} | "
+                     f"{r['ms_median']:.2f} [{r['ms_p20']:.2f}, {r['ms_p80']:.2f}] | {peak} | "
+                     f"{ratio} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI / dry runs)")
-    parser.add_argument("--cpu-size", action="store_true", help="a size a 2-core CPU times in a minute")
+    parser.add_argument("--preset", choices=("full", "cpu", "quick", "paper"), default=None,
+                        help="sizes: full (GPU default), cpu, quick (CI), paper (the official "
+                             "model's shape at 16 x 800 and 64 x 200)")
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick")
+    parser.add_argument("--cpu-size", action="store_true", help="same as --preset cpu")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compiled"))
     parser.add_argument("--backends", nargs="+")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    size = QUICK if args.quick else CPU if args.cpu_size else FULL
+    preset = args.preset or ("quick" if args.quick else "cpu" if args.cpu_size else
+                             "full" if device.type == "cuda" else "cpu")
     backends = args.backends or (["triton", "sdpa", "reference"] if device.type == "cuda"
                                  else ["sdpa", "reference"])
-    rows = run(device, size, backends)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
-    table = markdown(rows, name, size)
+    if preset == "paper":
+        sizes = [dict(PAPER, batch=b, length=length) for b, length in PAPER_SHAPES]
+        cases, loss_kind = PAPER_CASES, "inbatch_official"
+    else:
+        sizes = [{"full": FULL, "cpu": CPU, "quick": QUICK}[preset]]
+        cases, loss_kind = None, "full"
+    tables, all_rows = [], []
+    for size in sizes:
+        rows = run(device, size, backends, loss_kind, cases, args.modes)
+        for r in rows:
+            r["size"] = size
+        all_rows += rows
+        tables.append(markdown(rows, device_name(device), size, loss_kind))
+    table = "\n\n".join(tables)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "train.json"), "w") as f:
-            json.dump({"device": name, "date": datetime.date.today().isoformat(), "size": size,
-                       "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out, "train.md"), "w") as f:
-            f.write(table + "\n")
-    return rows
+        save(args.out, f"train_{preset}", all_rows, table, device)
+    return all_rows
 
 
 if __name__ == "__main__":

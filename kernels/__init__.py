@@ -1,5 +1,6 @@
 """GPU kernels for cross-domain attention and the Pareto solver, with PyTorch references."""
-from .attention import cross_domain_attention, fused_attention, triton_available
+from .attention import fused_attention, triton_available
+from .dispatch import cross_domain_attention
 from .masks import WILDCARD_DOMAIN
 from .reference import reference_attention
 from .sdpa import sdpa_attention

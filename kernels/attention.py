@@ -1,5 +1,5 @@
-"""Fused Triton attention + cross-domain mass (forward and backward), the autograd Function,
-and the backend dispatch `cross_domain_attention`.
+"""Fused Triton attention + cross-domain mass (forward and backward), registered as
+torch.library ops with their autograd (the backend dispatch is kernels.dispatch).
 
 Forward: one online-softmax pass; the mass is accumulated beside the row sum
 (mass_acc = mass_acc * alpha + sum_j p_ij c_ij), so it costs one FMA per score.
@@ -7,7 +7,6 @@ Backward: with g = dL/dmass, dS = P * (dO.V^T + g c - (Delta + g mass)), so the 
 per-row scalar to the usual preprocess and one FMA per score; dK/dV and dQ run as two kernels
 that recompute P (deterministic; no atomics).
 """
-import functools
 import math
 import os
 
@@ -17,7 +16,6 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .masks import WILDCARD_DOMAIN
-from .validation import check_attention_inputs
 
 WILDCARD = tl.constexpr(WILDCARD_DOMAIN)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -448,34 +446,3 @@ def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_len
     seq_lens = seq_lens.to(torch.int32).contiguous()
     out, _, mass = _forward_op(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
     return out, mass
-
-
-def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
-                           scale=None, backend="auto", num_domains=None):
-    """Masked attention and the cross-domain attention mass.
-
-    q, k, v: [B, H, L, D]; domains: [B, L] integers (< 0 padding, WILDCARD_DOMAIN a token
-    that matches every domain). Key j is allowed for query i when both are real tokens, j <= i
-    if causal, and with num_bottleneck > 0 when i or j is a bottleneck token or their domains
-    match. mass[b,h,i] = sum_j P[b,h,i,j] c[i,j] with c = "different domains, neither a
-    wildcard" (plain mode) or "j a bottleneck token, i not" (bottleneck mode).
-    num_domains (optional): ids lie in 0..num_domains - 1; lets the sdpa backend size its
-    columns without reading the ids on the host.
-
-    Returns (out [B, H, L, D] in q.dtype, mass [B, H, L] float32).
-    """
-    check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "sdpa"
-    if backend == "triton" and not triton_available(q.device):
-        raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), "
-                         f"got q on {q.device}")
-    if backend == "triton":
-        fn = fused_attention
-    elif backend == "sdpa":
-        from .sdpa import sdpa_attention
-        fn = functools.partial(sdpa_attention, num_domains=num_domains)
-    else:
-        from .reference import reference_attention as fn
-    return fn(q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
-              scale=scale)

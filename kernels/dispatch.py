@@ -1,0 +1,39 @@
+"""The attention op's one entry point: input checks, then the backend.
+
+Backends (each computes the same out and mass; see cross_domain_attention):
+  triton     the fused kernels (kernels.attention), CUDA or TRITON_INTERPRET=1
+  sdpa       PyTorch scaled_dot_product_attention with indicator columns (kernels.sdpa)
+  reference  P materialised (kernels.reference), the test oracle
+  auto       triton on CUDA, sdpa elsewhere
+"""
+from .attention import fused_attention, triton_available
+from .reference import reference_attention
+from .sdpa import sdpa_attention
+from .validation import check_attention_inputs
+
+BACKENDS = {"triton": fused_attention, "sdpa": sdpa_attention, "reference": reference_attention}
+
+
+def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
+                           scale=None, backend="auto", num_domains=None):
+    """Masked attention and the cross-domain attention mass.
+
+    q, k, v: [B, H, L, D]; domains: [B, L] integers (< 0 padding, WILDCARD_DOMAIN a token
+    that matches every domain). Key j is allowed for query i when both are real tokens, j <= i
+    if causal, and with num_bottleneck > 0 when i or j is a bottleneck token or their domains
+    match. mass[b,h,i] = sum_j P[b,h,i,j] c[i,j] with c = "different domains, neither a
+    wildcard" (plain mode) or "j a bottleneck token, i not" (bottleneck mode).
+    num_domains (optional): ids lie in 0..num_domains - 1; lets the sdpa backend size its
+    columns without reading the ids on the host.
+
+    Returns (out [B, H, L, D] in q.dtype, mass [B, H, L] float32).
+    """
+    check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "sdpa"
+    if backend == "triton" and not triton_available(q.device):
+        raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), "
+                         f"got q on {q.device}")
+    extra = {"num_domains": num_domains} if backend == "sdpa" else {}
+    return BACKENDS[backend](q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck,
+                             seq_lens=seq_lens, scale=scale, **extra)
