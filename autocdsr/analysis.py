@@ -68,3 +68,30 @@ def domain_pair_mass(model, data, split, max_len, hide_mask_domain=False, max_ro
             "layers": [[[float(mean[l, a, c]) for c in keep] for a in keep]
                        for l in range(mean.shape[0])],
             "rows": int(len(rows_all))}
+
+
+@torch.no_grad()
+def user_cd_mass(model, split, max_len, hide_mask_domain=False, batch_size=256, device="cpu"):
+    """[len(split)] each evaluation history's cross-domain mass: the mean over the objective's
+    layers, the heads and the counted queries (as L_cd, per user)."""
+    model.eval()
+    out = []
+    for lo in range(0, len(split), batch_size):
+        rows = np.arange(lo, min(lo + batch_size, len(split)))
+        batch = to_device(eval_batch(split, rows, max_len, model.arch, model.mask_item,
+                                     hide_mask_domain), device)
+        _, masses = model(batch["items"], batch["domains"], batch["seq_lens"])
+        weight = model.cd_query_mask(batch["domains"]).float()
+        per_layer = [(m * weight[:, None]).sum(dim=(1, 2)) / (weight.sum(1) * m.shape[1]).clamp(min=1)
+                     for m in model.objective_masses(masses)]
+        out.append(torch.stack(per_layer).mean(0).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+STRATA = ("both hit", "only cross-domain hits", "only single-domain hits", "neither")
+
+
+def outcome_strata(cross_hits, single_hits):
+    """[n] stratum index per user from two boolean hit arrays (cross-domain, single-domain)."""
+    return np.select([cross_hits & single_hits, cross_hits & ~single_hits,
+                      ~cross_hits & single_hits], [0, 1, 2], default=3)

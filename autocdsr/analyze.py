@@ -5,14 +5,21 @@ them (JSON) in RUN_DIR/analysis/:
   key domain (columns) on the test histories, for the model at initialisation (same seed),
   the trained model (best.pt), and each --against run's trained model;
 - trajectory.png: per epoch, lambda, the gradient cosine, L_cd, the training loss and the
-  validation metric (the task-weight trajectory), from metrics.json.
+  validation metric (the task-weight trajectory), from metrics.json;
+- with --single RUN_DIR (a run of the same backbone trained on the target domain's events
+  alone, data.domains=[d]): strata.json / strata.png, the paper's outcome strata. Test users
+  whose target (user, item) both runs share are split at HR@10 into both hit / only the
+  cross-domain model hits / only the single-domain model hits / neither, and each
+  cross-domain run's mean cross-domain attention mass is given per stratum.
 """
 import json
 import os
 
 from omegaconf import OmegaConf
 
-from .analysis import domain_pair_mass
+import numpy as np
+
+from .analysis import STRATA, domain_pair_mass, outcome_strata, user_cd_mass
 from .checkpoint import load_safe
 from .config import load_config
 
@@ -101,7 +108,60 @@ def plot_trajectory(histories, path, metric="NDCG@10"):
     plt.close(fig)
 
 
-def analyze(run_dir, against=(), max_rows=512):
+def _test_ranks(cfg, data, model):
+    from .evaluate import model_scorer, target_ranks, uses_cosine
+    return target_ranks(model_scorer(model, None, uses_cosine(cfg)), data, data.test,
+                        cfg.eval.protocol, cfg.eval.batch_size, "cpu", cfg.train.seed,
+                        cfg.data.max_len, cfg.model.arch, cfg.data.mask_domain == "hidden",
+                        desc="strata")
+
+
+def strata(run_dir, single_dir, against=(), k=10):
+    """The outcome strata (see the module docstring) as a JSON-ready dict."""
+    single_cfg, single_data, single_model, _ = _load_model(single_dir)
+    single = {(u, single_data.item_tokens[t - 1]): r < k for u, t, r in
+              zip(single_data.test.users, single_data.test.targets,
+                  _test_ranks(single_cfg, single_data, single_model))}
+    result = {"k": k, "strata": list(STRATA), "single": single_dir, "runs": {}}
+    for d in (run_dir, *against):
+        cfg, data, model, _ = _load_model(d)
+        keys = [(u, data.item_tokens[t - 1]) for u, t in zip(data.test.users, data.test.targets)]
+        shared = np.array([key in single for key in keys])
+        hits = _test_ranks(cfg, data, model) < k
+        labels = outcome_strata(hits[shared], np.array([single[key] for key, s in
+                                                        zip(keys, shared) if s], dtype=bool))
+        mass = user_cd_mass(model, data.test, cfg.data.max_len,
+                            cfg.data.mask_domain == "hidden")[shared]
+        result["runs"][d] = {"title": _title(d), "users": int(shared.sum()),
+                             "count": [int((labels == s).sum()) for s in range(4)],
+                             "cd_mass": [float(mass[labels == s].mean()) if (labels == s).any()
+                                         else None for s in range(4)]}
+    return result
+
+
+def plot_strata(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = list(result["runs"].values())
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        values = [v if v is not None else 0.0 for v in run["cd_mass"]]
+        bars = ax.bar(np.arange(4) + i * width, values, width, label=run["title"])
+        for bar, n in zip(bars, run["count"]):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"n={n}",
+                    ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(np.arange(4) + width * (len(runs) - 1) / 2, result["strata"], fontsize=8)
+    ax.set_ylabel("cross-domain attention mass", fontsize=8)
+    ax.set_title(f"test users by HR@{result['k']} outcome vs the single-domain model", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyze(run_dir, against=(), max_rows=512, single=None):
     out = os.path.join(run_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     result = pair_masses(run_dir, max_rows)
@@ -119,5 +179,10 @@ def analyze(run_dir, against=(), max_rows=512):
     with open(os.path.join(run_dir, "config.yaml")) as f:
         metric = OmegaConf.load(f).eval.metric
     plot_trajectory(histories, os.path.join(out, "trajectory.png"), metric)
+    if single:
+        result = strata(run_dir, single, against)
+        with open(os.path.join(out, "strata.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        plot_strata(result, os.path.join(out, "strata.png"))
     return out
 

@@ -50,8 +50,9 @@ def _evaluate(args):
 
 def _analyze(args):
     from .analyze import analyze
-    out = analyze(args.run_dir, args.against, args.max_rows)
-    print(f"wrote {out}/pair_mass.json, pair_mass.png, trajectory.png")
+    out = analyze(args.run_dir, args.against, args.max_rows, args.single)
+    extra = ", strata.json, strata.png" if args.single else ""
+    print(f"wrote {out}/pair_mass.json, pair_mass.png, trajectory.png{extra}")
 
 
 def _compare(args):
@@ -88,6 +89,8 @@ def main(argv=None):
     p_an.add_argument("run_dir")
     p_an.add_argument("--against", nargs="*", default=[], metavar="RUN_DIR")
     p_an.add_argument("--max-rows", type=int, default=512, help="test histories to analyse")
+    p_an.add_argument("--single", metavar="RUN_DIR",
+                      help="a single-domain run of the same backbone: adds the outcome strata")
     p_cmp = sub.add_parser("compare", help="one table of runs, mean +- std over seeds")
     p_cmp.add_argument("run_dirs", nargs="+")
     p_cmp.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY))

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam")
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
-                "data.synthetic_spurious",
+                "data.synthetic_spurious", "data.domains", "data.target_domains",
                 "data.mask_domain", "eval.protocol", "eval.ks")
 
 

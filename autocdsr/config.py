@@ -15,6 +15,8 @@ class DataConfig:
     max_len: int = 50
     mask_prob: float = 0.15   # BERT4Rec cloze masking
     mask_domain: str = "target"  # target: a [MASK] keeps its item's domain | hidden: wildcard
+    domains: List[int] = field(default_factory=list)         # keep only these domains' events
+    target_domains: List[int] = field(default_factory=list)  # evaluate only these targets
     synthetic_users: int = 3000
     synthetic_spurious: bool = True  # false: the control without the train-only shortcut
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .config import to_yaml
 from .data.batches import bert4rec_train_batch, sasrec_train_batch, to_device
-from .data.dataset import load_dataset, build_leave_one_out
+from .data.dataset import build_leave_one_out, keep_domains, keep_target_domains, load_dataset
 from .data.synthetic import generate, oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
@@ -43,12 +43,17 @@ def seed_everything(seed):
 
 
 def load_data(cfg):
-    """The dataset, and the synthetic generator's oracle state (None for real data)."""
+    """The dataset (data.domains and data.target_domains applied), and the synthetic
+    generator's oracle state (None for real data)."""
+    domains = list(cfg.data.domains)
     if not cfg.data.path:
         frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed,
                          spurious=cfg.data.synthetic_spurious)
-        return build_leave_one_out(frame, "synthetic"), frame["oracle"]
-    return load_dataset(cfg.data.path, cfg.data.name, cfg.data.split), None
+        data = build_leave_one_out(keep_domains(frame, domains), "synthetic")
+        oracle = None if domains else frame["oracle"]  # its cursors assume every domain
+    else:
+        data, oracle = load_dataset(cfg.data.path, cfg.data.name, cfg.data.split, domains), None
+    return keep_target_domains(data, list(cfg.data.target_domains)), oracle
 
 
 def build_model(cfg, data):

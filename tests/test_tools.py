@@ -103,3 +103,20 @@ def test_exported_states_reproduce_the_model_scores(runs, tmp_path):
     with torch.no_grad():
         scores = model_scorer(model)(batch, None)[:, 1:].numpy()
     assert np.allclose(users[rows] @ items.T, scores, atol=1e-4)
+
+
+def test_single_domain_run_and_outcome_strata(runs, tmp_path):
+    single = tmp_path / "single"
+    metrics = train(load_config(None, TINY + ["data.domains=[0]", f"run_dir={single}"]))
+    assert set(metrics["test"]["per_domain"]) == {"0"}
+    cross = tmp_path / "cross"
+    metrics = train(load_config(None, TINY + ["data.target_domains=[0]", f"run_dir={cross}"]))
+    assert set(metrics["test"]["per_domain"]) == {"0"}  # other targets are not evaluated
+    proc = _cli("analyze", cross, "--single", single, "--max-rows", 16)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((cross / "analysis" / "strata.json").read_text())
+    run = result["runs"][str(cross)]
+    assert sum(run["count"]) == run["users"] > 0
+    assert (cross / "analysis" / "strata.png").stat().st_size > 0
+    bad = _cli("train", "data.domains=[7]", f"run_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "no event has one of these domains" in bad.stderr

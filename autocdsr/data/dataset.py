@@ -200,12 +200,54 @@ def split_files(folder, name):
     return paths
 
 
-def load_dataset(path, name="", split="loo"):
-    """Load a folder (predefined split files, or one NAME.inter for leave-one-out) or a file."""
+def keep_domains(frame, domains):
+    """The frame's events whose domain token is in `domains` (None: all), in file order."""
+    if not domains:
+        return frame
+    keep = np.isin(frame["domain"], np.asarray(list(domains), dtype=np.int64))
+    if not keep.any():
+        raise DataError(f"data.domains={list(domains)}: no event has one of these domains")
+    mask = pa.array(keep)
+    return {"user": frame["user"].filter(mask), "item": frame["item"].filter(mask),
+            "domain": frame["domain"][keep], "timestamp": frame["timestamp"][keep]}
+
+
+def keep_target_domains(data, domains):
+    """Evaluation rows (valid and test) whose target's domain token is in `domains`."""
+    if not domains:
+        return data
+    tokens = [int(t) for t in data.domain_tokens]
+    unknown = [d for d in domains if int(d) not in tokens]
+    if unknown:
+        raise DataError(f"data.target_domains: {unknown} not among the data's domains {tokens}")
+    wanted = np.array([tokens.index(int(d)) for d in domains])
+    for label in ("valid", "test"):
+        split = getattr(data, label)
+        rows = np.flatnonzero(np.isin(split.target_domains, wanted))
+        if not len(rows):
+            raise DataError(f"data.target_domains={list(domains)}: no {label} target left")
+        setattr(data, label, select_rows(split, rows))
+    return data
+
+
+def select_rows(seqs, rows):
+    """A new Sequences with the given rows (targets and users carried along)."""
+    lengths = np.diff(seqs.offsets)[rows]
+    starts = np.repeat(seqs.offsets[rows] - (np.cumsum(lengths) - lengths), lengths)
+    index = starts + np.arange(lengths.sum())
+    pick = lambda a: None if a is None else a[rows]
+    return Sequences(np.r_[0, np.cumsum(lengths)], seqs.items[index], seqs.domains[index],
+                     pick(seqs.targets), pick(seqs.target_domains), pick(seqs.users))
+
+
+def load_dataset(path, name="", split="loo", domains=None):
+    """Load a folder (predefined split files, or one NAME.inter for leave-one-out) or a file;
+    domains: keep only these domain tokens' events (a single-domain baseline)."""
     if os.path.isdir(path):
         name = name or os.path.basename(os.path.normpath(path))
         if split == "files":
-            return build_predefined([read_inter(p) for p in split_files(path, name)], name)
+            frames = [keep_domains(read_inter(p), domains) for p in split_files(path, name)]
+            return build_predefined(frames, name)
         candidates = [os.path.join(path, f"{name}.inter{ext}") for ext in ("", ".gz")]
         found = [p for p in candidates if os.path.isfile(p)]
         if not found:
@@ -214,4 +256,5 @@ def load_dataset(path, name="", split="loo"):
         path = found[0]
     if split == "files":
         raise DataError(f"{path}: data.split=files needs a folder with NAME.{{train,valid,test}}.inter")
-    return build_leave_one_out(read_inter(path), name or os.path.basename(path).split(".")[0])
+    return build_leave_one_out(keep_domains(read_inter(path), domains),
+                               name or os.path.basename(path).split(".")[0])
