@@ -29,6 +29,9 @@ CPU = dict(batch=64, length=50, items=5000, hidden=64, heads=2, layers=2, steps=
 # T5 attention is wider than the hidden size), feed-forward 32, 1M items, in-batch loss.
 PAPER = dict(items=1_000_000, hidden=32, heads=4, head_dim=32, ffn=32, layers=6, steps=5)
 PAPER_SHAPES = ((16, 800), (64, 200))
+# The same at hidden 32 split into 2 heads of 16 with the default 4x feed-forward: the shape
+# the previous version of this project could run (before/after comparisons on the CPU).
+PAPER_D16 = dict(PAPER, heads=2, head_dim=0, ffn=0)
 PAPER_CASES = [("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "autocdsr_plus")]
 
 
@@ -160,9 +163,12 @@ def markdown(rows, device_name, size, loss_kind):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=("full", "cpu", "quick", "paper"), default=None,
-                        help="sizes: full (GPU default), cpu, quick (CI), paper (the official "
-                             "model's shape at 16 x 800 and 64 x 200)")
+    parser.add_argument("--preset", choices=("full", "cpu", "quick", "paper", "paper_d16"),
+                        default=None, help="sizes: full (GPU default), cpu, quick (CI), paper "
+                        "(the official model's shape at 16 x 800 and 64 x 200), paper_d16 (the "
+                        "same with 2 heads of 16)")
+    parser.add_argument("--loss", help="recommendation loss (default: full; inbatch_official "
+                                       "for the paper presets)")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--cpu-size", action="store_true", help="same as --preset cpu")
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compiled"))
@@ -174,12 +180,13 @@ def main(argv=None):
                              "full" if device.type == "cuda" else "cpu")
     backends = args.backends or (["triton", "sdpa", "reference"] if device.type == "cuda"
                                  else ["sdpa", "reference"])
-    if preset == "paper":
-        sizes = [dict(PAPER, batch=b, length=length) for b, length in PAPER_SHAPES]
-        cases, loss_kind = PAPER_CASES, "inbatch_official"
+    if preset.startswith("paper"):
+        base_size = PAPER if preset == "paper" else PAPER_D16
+        sizes = [dict(base_size, batch=b, length=length) for b, length in PAPER_SHAPES]
+        cases, loss_kind = PAPER_CASES, args.loss or "inbatch_official"
     else:
         sizes = [{"full": FULL, "cpu": CPU, "quick": QUICK}[preset]]
-        cases, loss_kind = None, "full"
+        cases, loss_kind = None, args.loss or "full"
     tables, all_rows = [], []
     for size in sizes:
         rows = run(device, size, backends, loss_kind, cases, args.modes)
