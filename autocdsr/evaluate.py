@@ -114,12 +114,18 @@ def domain_negatives(data, split, rows, rng, count=999):
 
 @torch.no_grad()
 def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
-                 hide_mask_domain=False, desc="eval"):
+                 hide_mask_domain=False, desc="eval", comm=None):
     """score_fn(batch, candidates) -> scores of the [B, n] candidate ids, or of every id
-    ([B, num_items + 1], column 0 = padding) when candidates is None. Returns the ranks."""
-    rng = np.random.default_rng(seed)
-    ranks = []
-    for lo in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, mininterval=1.0, disable=None):
+    ([B, num_items + 1], column 0 = padding) when candidates is None. Returns the ranks.
+
+    Each batch draws its negatives from a generator seeded by (seed, first row), so a batch's
+    candidates do not depend on which process scores it: with comm (data parallelism) the
+    batches are dealt out to the ranks and the ranks gathered, equal to one process's."""
+    rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
+    ranks = {}
+    starts = list(range(0, len(split), batch_size))[rank::world]
+    for lo in tqdm(starts, desc=desc, leave=False, mininterval=1.0, disable=None if rank == 0 else True):
+        rng = np.random.default_rng([seed, lo])
         rows = np.arange(lo, min(lo + batch_size, len(split)))
         batch = to_device(eval_batch(split, rows, max_len, arch, data.mask_id, hide_mask_domain),
                           device)
@@ -133,9 +139,10 @@ def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_
             # column 0 is the target: only the 1 + n candidates are scored
             scores = score_fn(batch, torch.cat([batch["targets"][:, None], negatives], 1)).float()
             target_scores, scores = scores[:, 0], scores[:, 1:]
-        rank = _rank(scores, target_scores)
-        ranks.append(rank.cpu().numpy())
-    return np.concatenate(ranks) if ranks else np.zeros(0)
+        ranks[lo] = _rank(scores, target_scores).cpu().numpy()
+    if world > 1:
+        ranks = {lo: r for part in comm.gather(ranks) for lo, r in part.items()}
+    return np.concatenate([ranks[lo] for lo in sorted(ranks)]) if ranks else np.zeros(0)
 
 
 def uses_cosine(cfg):
@@ -174,11 +181,11 @@ def popularity_scorer(popularity, device):
     return table_scorer(popularity[: len(popularity) - 1], device)
 
 
-def evaluate_split(score_fn, data, split, cfg, device, desc="eval"):
+def evaluate_split(score_fn, data, split, cfg, device, desc="eval", comm=None):
     """Metrics of one split under cfg.eval.protocol (negatives seeded by cfg.train.seed)."""
     ranks = target_ranks(score_fn, data, split, cfg.eval.protocol, cfg.eval.batch_size, device,
                          cfg.train.seed, cfg.data.max_len, cfg.model.arch,
-                         cfg.data.mask_domain == "hidden", desc)
+                         cfg.data.mask_domain == "hidden", desc, comm)
     ks = list(cfg.eval.ks)
     return metrics_by_domain(ranks, split.target_domains, data.domain_tokens, ks)
 

@@ -28,11 +28,15 @@ def _ce_chunk(states, weights, targets, row_weight):
     return (F.cross_entropy(logits.float(), targets, reduction="none") * row_weight).sum()
 
 
-def _weighted_mean(per_row, row_weight):
-    return (per_row * row_weight).sum() / row_weight.sum().clamp(min=1.0)
+def _weighted_mean(per_row, row_weight, denominator=None):
+    """sum(w * loss) / denominator; the denominator defaults to sum(w) (a data-parallel step
+    passes the global count, so per-rank losses sum to the union batch's loss)."""
+    if denominator is None:
+        denominator = row_weight.sum()
+    return (per_row * row_weight).sum() / denominator.clamp(min=1.0)
 
 
-def full_softmax_loss(states, weights, targets, row_weight):
+def full_softmax_loss(states, weights, targets, row_weight, denominator=None):
     rows = max(1, FULL_CHUNK_ELEMENTS // weights.shape[0])
     total = states.new_zeros((), dtype=torch.float32)
     for lo in range(0, states.shape[0], rows):
@@ -41,7 +45,7 @@ def full_softmax_loss(states, weights, targets, row_weight):
             total = total + checkpoint(_ce_chunk, *chunk, use_reentrant=False)
         else:
             total = total + _ce_chunk(*chunk)
-    return total / row_weight.sum().clamp(min=1.0)
+    return total / (row_weight.sum() if denominator is None else denominator).clamp(min=1.0)
 
 
 def _cosine_logits(states, target_vectors):
@@ -54,42 +58,43 @@ def _inbatch_masks(targets, row_weight):
     return targets[:, None] == targets[None, :], (row_weight > 0)[None, :] | eye, eye
 
 
-def inbatch_loss(states, weights, targets, row_weight):
+def inbatch_loss(states, weights, targets, row_weight, denominator=None):
     logits = _cosine_logits(states, weights[targets]).float()
     same, usable, eye = _inbatch_masks(targets, row_weight)
     # Positions sharing a target item are not each other's negatives.
     logits = logits.masked_fill((same & ~eye) | ~usable, float("-inf"))
     per_row = F.cross_entropy(logits, torch.arange(len(targets), device=targets.device),
                               reduction="none")
-    return _weighted_mean(per_row, row_weight)
+    return _weighted_mean(per_row, row_weight, denominator)
 
 
-def inbatch_official_loss(states, weights, targets, row_weight=None):
+def inbatch_official_loss(states, weights, targets, row_weight=None, denominator=None):
     if row_weight is None:
         row_weight = torch.ones(len(targets), device=states.device)
     logits = _cosine_logits(states, weights[targets]).float()
     same, usable, _ = _inbatch_masks(targets, row_weight)
-    denominator = torch.logsumexp(logits.masked_fill(same, 0.0).masked_fill(~usable, float("-inf")),
-                                  dim=1)
-    return _weighted_mean(denominator - logits.diagonal(), row_weight)
+    lse = torch.logsumexp(logits.masked_fill(same, 0.0).masked_fill(~usable, float("-inf")),
+                          dim=1)
+    return _weighted_mean(lse - logits.diagonal(), row_weight, denominator)
 
 
-def sampled_softmax_loss(states, weights, targets, row_weight, num_negatives, generator=None):
-    negatives = torch.randint(1, weights.shape[0], (num_negatives,), device=states.device,
-                              generator=generator)
+def sampled_softmax_loss(states, weights, targets, row_weight, num_negatives, denominator=None):
+    negatives = torch.randint(1, weights.shape[0], (num_negatives,), device=states.device)
     positive = (states * weights[targets]).sum(-1, keepdim=True)
     negative = states @ weights[negatives].T
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([positive, negative], dim=1).float()
     per_row = F.cross_entropy(logits, torch.zeros_like(targets), reduction="none")
-    return _weighted_mean(per_row, row_weight)
+    return _weighted_mean(per_row, row_weight, denominator)
 
 
 def recommendation_loss(kind, hidden, weights, targets, slots, slot_weight, num_negatives=1000,
-                        logits="dot", temperature=1.0):
+                        logits="dot", temperature=1.0, denominator=None):
     """hidden [B, L, H], targets [B, L] (0 = no target), weights = item table [V, H];
     slots [C] / slot_weight [C]: the flat positions holding a target (fixed count C, weight 0
-    for the padding slots), see autocdsr.data.batches.target_slots."""
+    for the padding slots), see autocdsr.data.batches.target_slots. denominator: the target
+    count to normalise by (default: this batch's). With data parallelism the in-batch losses
+    see the rank's targets as negatives (as per-device in-batch negatives do)."""
     if kind not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
     if logits not in LOGITS:
@@ -97,12 +102,12 @@ def recommendation_loss(kind, hidden, weights, targets, slots, slot_weight, num_
     states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, slots)
     targets = targets.reshape(-1).index_select(0, slots)
     if kind == "inbatch":
-        return inbatch_loss(states, weights, targets, slot_weight)
+        return inbatch_loss(states, weights, targets, slot_weight, denominator)
     if kind == "inbatch_official":
-        return inbatch_official_loss(states, weights, targets, slot_weight)
+        return inbatch_official_loss(states, weights, targets, slot_weight, denominator)
     if logits == "cosine":
         states = F.normalize(states, dim=-1) / temperature
         weights = F.normalize(weights, dim=-1)
     if kind == "full":
-        return full_softmax_loss(states, weights, targets, slot_weight)
-    return sampled_softmax_loss(states, weights, targets, slot_weight, num_negatives)
+        return full_softmax_loss(states, weights, targets, slot_weight, denominator)
+    return sampled_softmax_loss(states, weights, targets, slot_weight, num_negatives, denominator)

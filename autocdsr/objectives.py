@@ -7,9 +7,12 @@ step that weighs it against L_rec is autocdsr.step.
 import torch
 
 
-def cross_domain_loss(masses, query_mask):
-    """masses: list of [B, H, L] float32; query_mask: [B, L] bool (the queries that count)."""
+def cross_domain_loss(masses, query_mask, denominator=None):
+    """masses: list of [B, H, L] float32; query_mask: [B, L] bool (the queries that count);
+    denominator: the query count to normalise by (default: this batch's; a data-parallel step
+    passes the global one)."""
     weight = query_mask.float()
-    terms = [(mass * weight[:, None]).sum() / (weight.sum() * mass.shape[1]).clamp(min=1)
+    count = weight.sum() if denominator is None else denominator
+    terms = [(mass * weight[:, None]).sum() / (count * mass.shape[1]).clamp(min=1)
              for mass in masses]
     return torch.stack(terms).mean()

@@ -25,7 +25,8 @@ from .losses import recommendation_loss
 from .objectives import cross_domain_loss
 
 
-def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, lookup=None):
+def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, lookup=None,
+                       reduce=None):
     """(grads, lam, cosine, ok): the update direction of every parameter.
 
     mode "none" (base): g_rec. solve=False: one pass of L_rec + lam L_cd (fixed weighting, or
@@ -38,6 +39,10 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
     respect to the [B, L, H] lookup output and added, times lambda, into the touched rows of
     g_rec's table gradient (index_add): the second pass never writes a dense table gradient
     and the combine never sweeps the table. (The table must then not be in the Gram set.)
+
+    reduce (data parallelism): returns summed-over-ranks copies of a tensor list; the Gram
+    matrix and the losses the solver sees are then the global ones, so every rank gets the same
+    lambda. The returned gradients stay this rank's share (the caller sums them).
     """
     zero = torch.zeros((), device=loss_rec.device)
     ok = torch.ones((), dtype=torch.bool, device=loss_rec.device)
@@ -57,8 +62,15 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
     for i, g in zip(others, g_wrt):
         g_cd[i] = g
     g_cd = _materialise(g_cd, params) if lookup is None else g_cd
-    gram = gram_matrix([[g_cd[i] for i in gram_index], [g_rec[i] for i in gram_index]])
+    shared_cd = [g_cd[i] if g_cd[i] is not None else torch.zeros_like(params[i])
+                 for i in gram_index]
+    shared_rec = [g_rec[i] for i in gram_index]
     losses = torch.stack([loss_cd.detach().float(), loss_rec.detach().float()])
+    if reduce is not None:  # one flat all-reduce: both gradients' Gram parts and the losses
+        n = len(gram_index)
+        summed = reduce(shared_cd + shared_rec + [losses])
+        shared_cd, shared_rec, losses = summed[:n], summed[n:2 * n], summed[-1]
+    gram = gram_matrix([shared_cd, shared_rec])
     lam, ok = pareto_lambda(gram, losses, mode)
     dense = [i for i in range(len(params)) if g_cd[i] is not None]
     weighted = torch._foreach_mul([g_cd[i] for i in dense], lam)
@@ -133,11 +145,14 @@ class TrainStep:
 
     def __init__(self, model, optimizer, *, loss="full", objective="base", mode="pareto",
                  lam=0.1, every=1, shared="reached", grad_clip=1.0, num_negatives=1000,
-                 logits="dot", temperature=1.0, amp_dtype=None, compile=False):
+                 logits="dot", temperature=1.0, amp_dtype=None, compile=False, comm=None):
         self.model, self.optimizer = model, optimizer
         self.loss_kwargs = dict(num_negatives=num_negatives, logits=logits,
                                 temperature=temperature)
         self.loss, self.amp_dtype, self.grad_clip = loss, amp_dtype, grad_clip
+        self.comm = comm  # autocdsr.distributed.Comm, or None for one process
+        if compile and comm is not None and comm.active:
+            raise ValueError("train.compile=true is not supported with data parallelism yet")
         self.mode = "none" if objective == "base" else mode
         self.every = every
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -175,8 +190,14 @@ class TrainStep:
 
     # ---------------------------------------------------------------- the traced function
     def losses(self, batch):
-        """(L_rec, L_cd, item_vectors): item_vectors is the item-table lookup of the batch."""
+        """(L_rec, L_cd, item_vectors): item_vectors is the item-table lookup of the batch.
+        Under data parallelism both losses are this rank's share of the global ones."""
         model = self.model
+        query_mask = model.cd_query_mask(batch["domains"])
+        rec_count = cd_count = None
+        if self.comm is not None and self.comm.active:  # global counts normalise the losses
+            rec_count, cd_count = self.comm.summed(
+                [torch.stack([batch["target_weight"].sum(), query_mask.float().sum()])])[0]
         with torch.autocast(batch["items"].device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
             item_vectors = model.item_embedding(batch["items"])
@@ -184,22 +205,29 @@ class TrainStep:
                                    item_vectors)
             loss_rec = recommendation_loss(self.loss, hidden, model.item_weights(),
                                            batch["targets"], batch["target_slots"],
-                                           batch["target_weight"], **self.loss_kwargs)
-        loss_cd = cross_domain_loss(model.objective_masses(masses),  # mass is float32
-                                    model.cd_query_mask(batch["domains"]))
+                                           batch["target_weight"], **self.loss_kwargs,
+                                           denominator=rec_count)
+        loss_cd = cross_domain_loss(model.objective_masses(masses), query_mask,  # float32 mass
+                                    denominator=cd_count)
         return loss_rec.float(), loss_cd, item_vectors
 
     def gradients(self, batch, lam, solve):
         """(grads, clip scale, finite flag, scalars): everything but the parameter update."""
         loss_rec, loss_cd, item_vectors = self.losses(batch)
         lookup = None if self.table_in_gram else (self.table_index, batch["items"], item_vectors)
-        grads, lam, cosine, ok = balanced_gradients(self.params, self.gram_index, loss_rec,
-                                                    loss_cd, self.mode, lam, solve, lookup)
+        distributed = self.comm is not None and self.comm.active
+        grads, lam, cosine, ok = balanced_gradients(
+            self.params, self.gram_index, loss_rec, loss_cd, self.mode, lam, solve, lookup,
+            self.comm.summed if distributed else None)
+        loss_rec, loss_cd = loss_rec.detach(), loss_cd.detach()
+        if distributed:  # every gradient once, the two logged losses riding along
+            losses = torch.stack([loss_rec, loss_cd])
+            self.comm.sum_(grads + [losses])
+            loss_rec, loss_cd = losses.unbind()
         scale, norm = clip_scale(grads, self.grad_clip)
         finite = torch.isfinite(norm) & torch.isfinite(loss_rec)
-        return grads, scale, finite, {"loss": loss_rec.detach(), "cd": loss_cd.detach(),
-                                      "lam": lam.detach(), "cosine": cosine, "ok": ok,
-                                      "finite": finite}
+        return grads, scale, finite, {"loss": loss_rec, "cd": loss_cd, "lam": lam.detach(),
+                                      "cosine": cosine, "ok": ok, "finite": finite}
 
     def run(self, batch, lr, lam, solve):
         """The whole step on tensors, as one traceable function (solve, a Python bool, selects

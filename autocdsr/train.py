@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .config import to_yaml
-from .data.batches import bert4rec_train_batch, sasrec_train_batch, to_device
+from . import distributed
+from .data.batches import bert4rec_train_batch, sasrec_train_batch, shard_batch, to_device
 from .data.dataset import build_leave_one_out, keep_domains, keep_target_domains, load_dataset
 from .data.synthetic import generate, oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
@@ -91,7 +92,11 @@ warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_schedu
 class Trainer:
     def __init__(self, cfg, data=None):
         self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
+        self.comm, device = distributed.init(cfg.train.device)
+        self.device = device or resolve_device(cfg.train.device)
+        if cfg.train.batch_size % self.comm.world:
+            raise ValueError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and "
+                             f"must be divisible by the number of processes ({self.comm.world})")
         seed_everything(cfg.train.seed)
         t0 = time.perf_counter()
         self.data, self.oracle = (data, None) if data is not None else load_data(cfg)
@@ -99,6 +104,9 @@ class Trainer:
         if len(self.data.train) < 1:
             raise ValueError("no training sequences")
         self.model = build_model(cfg, self.data).to(self.device)
+        if self.comm.active:  # the seeds already agree; rank 0's weights make sure of it
+            for tensor in self.model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
         self.optimizer = make_optimizer(self.model, cfg.train, compiled=cfg.train.compile)
         self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.train.batch_size)
         if cfg.train.max_steps_per_epoch:
@@ -116,7 +124,7 @@ class Trainer:
             shared=cfg.weighting.shared, grad_clip=cfg.train.grad_clip,
             num_negatives=cfg.train.num_negatives, logits=cfg.train.logits,
             temperature=cfg.train.temperature, amp_dtype=self.amp_dtype,
-            compile=cfg.train.compile)
+            compile=cfg.train.compile, comm=self.comm)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         self.history, self.pending = [], []
@@ -135,13 +143,17 @@ class Trainer:
             "global_step": self.global_step, "best_metric": self.best_metric,
             "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "history": json.dumps(self.history), "epoch_sums": json.dumps(self.epoch_sums),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps, "world_size": self.comm.world,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "config": to_yaml(self.cfg),
         }
 
     def load_state(self, state):
+        if state.get("world_size", 1) != self.comm.world:
+            raise ValueError(f"this run was trained on {state.get('world_size', 1)} processes; "
+                             f"resume it on as many (got {self.comm.world}): the global batch "
+                             "is split by rows across them")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -166,6 +178,8 @@ class Trainer:
             rng = np.random.default_rng([cfg.train.seed, epoch, index])  # resumable masking
             batch = bert4rec_train_batch(data.train, rows, cfg.data.max_len, self.model.mask_item,
                                          self.model.hide_mask_domain, cfg.data.mask_prob, rng)
+        if self.comm.active:  # this rank's rows of the global batch
+            batch = shard_batch(batch, self.comm.rank, self.comm.world)
         return to_device(batch, self.device)
 
     def train_step(self, batch):
@@ -199,19 +213,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def save(self, name):
-        save_atomic(self.state(), os.path.join(self.cfg.run_dir, name))
+        if self.comm.main:  # one writer for the run directory
+            save_atomic(self.state(), os.path.join(self.cfg.run_dir, name))
 
-    def evaluate(self, split, desc):
+    def evaluate(self, split, desc, scorer=None):
+        """Metrics of one split; with data parallelism each rank scores a share of the rows
+        and every rank gets the gathered, identical result."""
         self.model.eval()
-        scorer = model_scorer(self.model, self.amp_dtype, uses_cosine(self.cfg))
-        return evaluate_split(scorer, self.data, split, self.cfg, self.device, desc)
+        scorer = scorer or model_scorer(self.model, self.amp_dtype, uses_cosine(self.cfg))
+        return evaluate_split(scorer, self.data, split, self.cfg, self.device, desc, self.comm)
 
     def fit(self):
         cfg = self.cfg
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        write_text_atomic(to_yaml(cfg), os.path.join(cfg.run_dir, "config.yaml"))
-        write_text_atomic(json.dumps(environment_record(), indent=1),
-                          os.path.join(cfg.run_dir, "environment.json"))
+        if self.comm.main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            write_text_atomic(to_yaml(cfg), os.path.join(cfg.run_dir, "config.yaml"))
+            record = dict(environment_record(), world_size=self.comm.world)
+            write_text_atomic(json.dumps(record, indent=1),
+                              os.path.join(cfg.run_dir, "environment.json"))
         log.info("%s | load %.1fs | device %s | %d steps/epoch", self.data.summary(),
                  self.load_seconds, self.device, self.steps_per_epoch)
         metric = cfg.eval.metric
@@ -220,7 +239,7 @@ class Trainer:
             self.model.train()
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                        desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", leave=False,
-                       mininterval=1.0, disable=None)
+                       mininterval=1.0, disable=None if self.comm.main else True)
             t_start = time.perf_counter()
             while self.step_in_epoch < self.steps_per_epoch:
                 index = self.step_in_epoch
@@ -247,7 +266,8 @@ class Trainer:
                      "seconds": sums["seconds"], "steps": sums["n"],
                      "seconds_per_step": sums["seconds"] / n,
                      "valid": {metric: valid["overall"][metric]},
-                     "fallbacks": int(self.step.fallbacks), "skipped_steps": self.skipped_steps}
+                     "fallbacks": int(self.step.fallbacks), "skipped_steps": self.skipped_steps,
+                     "allreduce_bytes_per_step": self.comm.bytes / max(1, self.global_step)}
             self.history.append(entry)
             log.info("epoch %d | loss %.4f | L_cd %.4f | lambda %+.4f | cos %+.3f | %.1fs "
                      "(%.1f ms/step) | valid %s %.4f", entry["epoch"], entry["train_loss"],
@@ -258,6 +278,7 @@ class Trainer:
             self.epoch_sums = self._zero_sums()
             if valid["overall"][metric] > self.best_metric:
                 self.best_metric, self.best_epoch, self.bad_epochs = valid["overall"][metric], self.epoch, 0
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 self.save("best.pt")
             else:
                 self.bad_epochs += 1
@@ -266,19 +287,20 @@ class Trainer:
 
     def finish(self):
         cfg = self.cfg
-        best = load_safe(os.path.join(cfg.run_dir, "best.pt"), map_location=self.device)
-        self.model.load_state_dict(best["model"])
+        best = getattr(self, "best_weights", None)  # in memory on every rank
+        if best is None:  # a resumed run whose best epoch came before the interruption
+            best = load_safe(os.path.join(cfg.run_dir, "best.pt"), map_location=self.device)["model"]
+        self.model.load_state_dict(best)
         valid = self.evaluate(self.data.valid, "valid")
         test = self.evaluate(self.data.test, "test")
-        popular = evaluate_split(popularity_scorer(self.data.popularity, self.device), self.data,
-                                 self.data.test, cfg, self.device, "mostpop")
+        popular = self.evaluate(self.data.test, "mostpop",
+                                popularity_scorer(self.data.popularity, self.device))
         ks = list(cfg.eval.ks)
         tables = [("valid", valid), ("test", test), ("test, MostPop baseline", popular)]
         oracle = None
         if self.oracle is not None:
             table = oracle_table(self.data, self.data.test, self.oracle, "test")
-            oracle = evaluate_split(table_scorer(table, self.device), self.data, self.data.test,
-                                    cfg, self.device, "oracle")
+            oracle = self.evaluate(self.data.test, "oracle", table_scorer(table, self.device))
             tables.append(("test, the generator's oracle", oracle))
         for title, result in tables:
             log.info("\n%s", format_table(f"{self.data.name} {cfg.model.arch} {cfg.objective} | {title}",
@@ -289,20 +311,26 @@ class Trainer:
                    "max_len": cfg.data.max_len, "device": str(self.device),
                    "load_seconds": self.load_seconds, "best_epoch": self.best_epoch,
                    "valid": valid, "test": test, "baseline_mostpop_test": popular,
-                   "oracle_test": oracle,
+                   "oracle_test": oracle, "world_size": self.comm.world,
                    "history": self.history}
-        write_text_atomic(json.dumps(metrics, indent=1), os.path.join(cfg.run_dir, "metrics.json"))
+        if self.comm.main:
+            write_text_atomic(json.dumps(metrics, indent=1), os.path.join(cfg.run_dir, "metrics.json"))
         return metrics
 
 
 def setup_logging(run_dir):
-    os.makedirs(run_dir, exist_ok=True)
+    """Log to stderr and RUN_DIR/train.log; under torchrun only rank 0 logs (others: errors)."""
+    main = int(os.environ.get("RANK", "0")) == 0
     root = logging.getLogger("autocdsr")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if main else logging.ERROR)
     for handler in list(root.handlers):
         root.removeHandler(handler)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(run_dir, "train.log"))):
+    handlers = [logging.StreamHandler()]
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log")))
+    for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     logging.getLogger("autocdsr.data.dataset").setLevel(logging.WARNING)

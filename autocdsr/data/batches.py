@@ -88,6 +88,20 @@ def target_slots(targets, capacity):
     return slots, weight
 
 
+def shard_batch(batch, rank, world):
+    """Rows rank, rank + world, ... of a global training batch (data parallelism), with the
+    target slots recomputed for those rows; capacity: the rows' share of the batch's."""
+    part = {key: batch[key][rank::world] for key in ("items", "domains", "seq_lens", "targets")}
+    rows, length = part["items"].shape
+    targets = part["targets"].numpy()
+    capacity = min(rows * length, -(-len(batch["target_slots"]) * 2 // world))
+    if (targets != PAD).sum() > capacity:  # an uneven share (tiny batches): the whole capacity
+        capacity = len(batch["target_slots"])
+    slots, weight = target_slots(targets, capacity)
+    part["target_slots"], part["target_weight"] = torch.from_numpy(slots), torch.from_numpy(weight)
+    return part
+
+
 def _train_tensors(items, domains, lengths, targets, capacity):
     batch = _tensors(items, domains, lengths, targets)
     slots, weight = target_slots(targets, capacity)
