@@ -15,6 +15,7 @@ stopped and restarted, and seeds added later.
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -102,7 +103,10 @@ def main(argv=None):
         base = f"{arch}/base"
         if not args.no_analysis and base in runs:
             against = [runs[n][0] for n in names if n != base]
-            analyze(runs[base][0], against)
+            folder = analyze(runs[base][0], against)
+            for name in ("pair_mass.json", "pair_mass.png", "trajectory.png"):
+                # the run folders are not kept with the results: copy what the report shows
+                shutil.copy(os.path.join(folder, name), os.path.join(args.out, f"{arch}_seed{args.seeds[0]}_{name}"))
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("\n".join(report))
     print("\n".join(report))
