@@ -63,7 +63,7 @@ def _forward_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_b can pass 2^31 elements
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     seq_len = tl.minimum(tl.load(SEQ_LENS + b), length)
@@ -131,7 +131,7 @@ def _backward_preprocess_kernel(
 ):
     """DELTA_i = rowsum(dO_i * O_i) + g_i * mass_i: the only per-row term the mass adds."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_b can pass 2^31 elements
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,7 +164,7 @@ def _backward_dkdv_kernel(
 ):
     """One key tile per program; loops over the query tiles that can see it."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_b can pass 2^31 elements
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     seq_len = tl.minimum(tl.load(SEQ_LENS + b), length)
@@ -235,7 +235,7 @@ def _backward_dq_kernel(
 ):
     """One query tile per program; loops over the key tiles it can see."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_b can pass 2^31 elements
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     seq_len = tl.minimum(tl.load(SEQ_LENS + b), length)

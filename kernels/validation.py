@@ -6,6 +6,10 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 BACKENDS = ("auto", "triton", "sdpa", "reference")
 
 
+def _tracing(t):
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend):
     """Raise a ValueError naming the offending argument; return nothing on success."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -32,6 +36,13 @@ def check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, s
         raise ValueError(f"domains must have shape [B, L] = {(batch, length)}, got {tuple(domains.shape)}")
     if domains.device != q.device:
         raise ValueError(f"domains must be on q's device {q.device}, got {domains.device}")
+    if domains.dtype != torch.int32 and domains.numel() and not _tracing(domains):
+        # the kernels read int32 ids: a wider id would wrap silently. (A read of the values:
+        # a host sync on CUDA, which int32 domains, as the model passes them, never need.)
+        info = torch.iinfo(torch.int32)
+        if domains.max() > info.max or domains.min() < info.min:
+            raise ValueError(f"domains must fit in int32 ({info.min}..{info.max}); got values "
+                             f"in {int(domains.min())}..{int(domains.max())}")
     if seq_lens is not None:
         if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype.is_floating_point \
                 or seq_lens.dtype == torch.bool:

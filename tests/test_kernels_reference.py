@@ -113,6 +113,8 @@ def _call(**changes):
     (dict(backend="cuda"), "backend"),
     (dict(scale=-1.0), "scale"),
     (dict(causal=1), "causal"),
+    (dict(domains=torch.full((2, 7), 2**33)), "fit in int32"),
+    (dict(domains=torch.full((2, 7), -2**31 - 5)), "fit in int32"),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(changes, word):
     with pytest.raises(ValueError, match=word):
