@@ -127,9 +127,10 @@ def _backward_preprocess_kernel(
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     num_heads, length, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DOUT: tl.constexpr,
 ):
-    """DELTA_i = rowsum(dO_i * O_i) + g_i * mass_i: the only per-row term the mass adds."""
+    """DELTA_i = rowsum(dO_i * O_i) + g_i * mass_i: the only per-row term the mass adds.
+    Without dO (a loss of the mass alone, the L_cd pass) DELTA_i = g_i * mass_i."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_b can pass 2^31 elements
     b = pid_bh // num_heads
@@ -137,15 +138,18 @@ def _backward_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < length) & (offs_d[None, :] < head_dim)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
     row = pid_bh * length + offs_m
     row_ok = offs_m < length
     mass = tl.load(MASS + row, mask=row_ok, other=0.0)
     g = tl.load(DMASS + row, mask=row_ok, other=0.0)
-    tl.store(DELTA + row, tl.sum(o * do, axis=1) + g * mass, mask=row_ok)
+    delta = g * mass
+    if HAS_DOUT:
+        o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        delta += tl.sum(o * do, axis=1)
+    tl.store(DELTA + row, delta, mask=row_ok)
 
 
 @triton.jit
@@ -160,9 +164,10 @@ def _backward_dkdv_kernel(
     num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
     CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
 ):
-    """One key tile per program; loops over the query tiles that can see it."""
+    """One key tile per program; loops over the query tiles that can see it. Without dO
+    (the L_cd pass) dV is 0 and dS = P (g c - g mass): two of the four matmuls go."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_b can pass 2^31 elements
     b = pid_bh // num_heads
@@ -195,8 +200,6 @@ def _backward_dkdv_kernel(
         qo_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                     mask=qo_mask, other=0.0)
-        do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                     mask=qo_mask, other=0.0)
         dom_q = tl.load(DOM + b * stride_db + offs_m, mask=m_ok, other=-1)
         row = pid_bh * length + offs_m
         lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
@@ -208,9 +211,13 @@ def _backward_dkdv_kernel(
                                          CAUSAL, BOTTLENECK)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
         p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t + tl.where(cross_t, g[None, :], 0.0) - delta[None, :])
+        ds_t = tl.where(cross_t, g[None, :], 0.0) - delta[None, :]
+        if HAS_DOUT:
+            do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                         + offs_d[None, :], mask=qo_mask, other=0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            ds_t += tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * ds_t
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     # dK and dV are fresh contiguous [B, H, L, D] tensors (stride_g*), whatever k and v's layout.
@@ -231,7 +238,7 @@ def _backward_dq_kernel(
     num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
     CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
 ):
     """One query tile per program; loops over the key tiles it can see."""
     pid_m = tl.program_id(0)
@@ -248,8 +255,9 @@ def _backward_dq_kernel(
     qo_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=qo_mask, other=0.0)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=qo_mask, other=0.0)
+    if HAS_DOUT:
+        do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                     + offs_d[None, :], mask=qo_mask, other=0.0)
     dom_q = tl.load(DOM + b * stride_db + offs_m, mask=m_ok, other=-1)
     row = pid_bh * length + offs_m
     lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
@@ -268,16 +276,18 @@ def _backward_dq_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
         dom_k = tl.load(DOM + b * stride_db + offs_n, mask=n_ok, other=-1)
         allowed, cross = _pair_masks(offs_m[:, None], offs_n[None, :], dom_q[:, None],
                                     dom_k[None, :], seq_len, num_bottleneck, CAUSAL, BOTTLENECK)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp + tl.where(cross, g[:, None], 0.0) - delta[:, None])
+        ds = tl.where(cross, g[:, None], 0.0) - delta[:, None]
+        if HAS_DOUT:
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+                        + offs_d[None, :], mask=kv_mask, other=0.0)
+            ds += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * ds
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
@@ -332,13 +342,17 @@ def _bhm_strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def kernel_flags(kernel, head_dim, dtype, causal, bottleneck):
-    """The constexpr arguments and launch options of one attention kernel for one call."""
+def kernel_flags(kernel, head_dim, dtype, causal, bottleneck, has_dout=True):
+    """The constexpr arguments and launch options of one attention kernel for one call
+    (has_dout: the backward kernels' dO-free variant when False)."""
     cfg = block_config(kernel, head_dim, dtype)
-    return dict(CAUSAL=causal, BOTTLENECK=bottleneck,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                DOT_PRECISION=dot_precision(dtype),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    flags = dict(CAUSAL=causal, BOTTLENECK=bottleneck,
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                 DOT_PRECISION=dot_precision(dtype),
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if kernel != "forward":
+        flags["HAS_DOUT"] = has_dout
+    return flags
 
 
 def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
@@ -358,11 +372,12 @@ def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
 
 
 def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
-                    causal, num_bottleneck, scale):
-    """Launch preprocess, dK/dV and dQ kernels; return (dq, dk, dv)."""
+                    causal, num_bottleneck, scale, has_dout=True):
+    """Launch preprocess, dK/dV and dQ kernels; return (dq, dk, dv). has_dout=False: the
+    loss does not depend on out (d_out is then not read)."""
     batch, heads, length, head_dim = q.shape
-    dkdv_flags = kernel_flags("dkdv", head_dim, q.dtype, causal, num_bottleneck > 0)
-    dq_flags = kernel_flags("dq", head_dim, q.dtype, causal, num_bottleneck > 0)
+    dkdv_flags = kernel_flags("dkdv", head_dim, q.dtype, causal, num_bottleneck > 0, has_dout)
+    dq_flags = kernel_flags("dq", head_dim, q.dtype, causal, num_bottleneck > 0, has_dout)
     d_out = _prepare(d_out)
     d_mass = d_mass.contiguous().float()
     delta = torch.empty_like(lse)
@@ -372,7 +387,7 @@ def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
     wrap_triton(_backward_preprocess_kernel)[rows_grid](
         out, d_out, mass, d_mass, delta, *_bhm_strides(out), *_bhm_strides(d_out),
         heads, length, head_dim, BLOCK_M=dq_flags["BLOCK_M"], BLOCK_D=dq_flags["BLOCK_D"],
-        num_warps=dq_flags["num_warps"], num_stages=1)
+        HAS_DOUT=has_dout, num_warps=dq_flags["num_warps"], num_stages=1)
     common = (*_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(d_out),
               domains.stride(0), *_bhm_strides(dq), heads, length, head_dim, num_bottleneck,
               scale, scale * math.log2(math.e))
@@ -406,15 +421,16 @@ def _(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, domains: torch.Tensor,
                  seq_lens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  mass: torch.Tensor, d_out: torch.Tensor, d_mass: torch.Tensor, causal: bool,
-                 num_bottleneck: int, scale: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                             torch.Tensor]:
+                 num_bottleneck: int, scale: float, has_dout: bool) -> tuple[
+                     torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), written contiguous."""
     return triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass, causal,
-                           num_bottleneck, scale)
+                           num_bottleneck, scale, has_dout)
 
 
 @_backward_op.register_fake
-def _(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass, causal, num_bottleneck, scale):
+def _(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass, causal, num_bottleneck, scale,
+      has_dout):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
 
@@ -424,12 +440,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, domains, seq_lens, out, lse, mass)
     ctx.causal, ctx.num_bottleneck, ctx.scale = causal, num_bottleneck, scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
 
 
 def _backward(ctx, d_out, _d_lse, d_mass):
     q, k, v, domains, seq_lens, out, lse, mass = ctx.saved_tensors
-    dq, dk, dv = _backward_op(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
-                              ctx.causal, ctx.num_bottleneck, ctx.scale)
+    # A loss of the mass alone (the L_cd pass) has no dO: the kernels' dO-free variant skips
+    # the dO . V^T and P^T dO matmuls; out stands in for the pointer it never reads.
+    has_dout = d_out is not None
+    d_mass = torch.zeros_like(mass) if d_mass is None else d_mass
+    dq, dk, dv = _backward_op(q, k, v, domains, seq_lens, out, lse, mass,
+                              d_out if has_dout else out, d_mass, ctx.causal,
+                              ctx.num_bottleneck, ctx.scale, has_dout)
     return dq, dk, dv, None, None, None, None, None
 
 

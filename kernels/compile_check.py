@@ -52,16 +52,23 @@ def variants():
         tensors.update({n: "fp32" for n in ("LSE", "MASS", "DMASS", "DELTA")})
         tensors.update({"DOM": "i32", "SEQ_LENS": "i32"})
         cfg = attention.block_config("dq", head_dim, dtype)  # the preprocess uses dq's rows
-        yield (f"preprocess/{t}/d{head_dim}", attention._backward_preprocess_kernel, tensors,
-               {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}, cfg["num_warps"], 1)
+        for has_dout in (True, False):
+            yield (f"preprocess/{t}/d{head_dim}" + ("" if has_dout else "/no-dout"),
+                   attention._backward_preprocess_kernel, tensors,
+                   {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "HAS_DOUT": has_dout},
+                   cfg["num_warps"], 1)
         for causal, bottleneck in itertools.product((False, True), (False, True)):
             mode = ("causal" if causal else "bidir") + ("+ib" if bottleneck else "")
             for label, kernel in (("forward", attention._forward_kernel),
                                   ("dkdv", attention._backward_dkdv_kernel),
                                   ("dq", attention._backward_dq_kernel)):
-                flags = attention.kernel_flags(label, head_dim, dtype, causal, bottleneck)
-                warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
-                yield f"{label}/{t}/d{head_dim}/{mode}", kernel, tensors, flags, warps, stages
+                # the backward kernels also come without dO (a loss of the mass alone)
+                for has_dout in ((True,) if label == "forward" else (True, False)):
+                    flags = attention.kernel_flags(label, head_dim, dtype, causal, bottleneck,
+                                                   has_dout)
+                    warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
+                    name = f"{label}/{t}/d{head_dim}/{mode}" + ("" if has_dout else "/no-dout")
+                    yield name, kernel, tensors, flags, warps, stages
 
 
 def resource_usage(cubin):
