@@ -7,7 +7,7 @@ setup(
                 "(AutoCDSR / AutoCDSR+) and fused Triton attention + mass kernels",
     packages=find_packages(include=["autocdsr", "autocdsr.*", "kernels", "kernels.*", "bench"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "pyarrow>=14", "omegaconf>=2.3",
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "scipy", "pyarrow>=14", "omegaconf>=2.3",
                       "tqdm"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"]},
     entry_points={"console_scripts": ["autocdsr=autocdsr.cli:main"]},
