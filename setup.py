@@ -7,8 +7,8 @@ setup(
                 "(AutoCDSR / AutoCDSR+) and fused Triton attention + mass kernels",
     packages=find_packages(include=["autocdsr", "autocdsr.*", "kernels", "kernels.*", "bench"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "scipy", "pyarrow>=14", "omegaconf>=2.3",
-                      "tqdm"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"]},
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "scipy", "pyarrow>=14",
+                      "omegaconf>=2.3", "tqdm", "matplotlib"],
+    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis"]},
     entry_points={"console_scripts": ["autocdsr=autocdsr.cli:main"]},
 )
