@@ -14,6 +14,7 @@ class DataConfig:
     split: str = "loo"        # loo | files
     max_len: int = 50
     mask_prob: float = 0.15   # BERT4Rec cloze masking
+    train_windows: bool = False  # train on every max_len window of a user, not only the last
     mask_domain: str = "target"  # target: a [MASK] keeps its item's domain | hidden: wildcard
     domains: List[int] = field(default_factory=list)         # keep only these domains' events
     target_domains: List[int] = field(default_factory=list)  # evaluate only these targets

@@ -19,7 +19,8 @@ from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .config import to_yaml
 from . import distributed
 from .data.batches import bert4rec_train_batch, sasrec_train_batch, shard_batch, to_device
-from .data.dataset import build_leave_one_out, keep_domains, keep_target_domains, load_dataset
+from .data.dataset import (build_leave_one_out, keep_domains, keep_target_domains, load_dataset,
+                           training_windows)
 from .data.synthetic import generate, oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
@@ -101,6 +102,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.data, self.oracle = (data, None) if data is not None else load_data(cfg)
         self.load_seconds = time.perf_counter() - t0
+        if cfg.data.train_windows:  # SASRec's window holds max_len inputs and one more target
+            window = cfg.data.max_len + (1 if cfg.model.arch == "sasrec" else 0)
+            self.data.train = training_windows(self.data.train, window)
         if len(self.data.train) < 1:
             raise ValueError("no training sequences")
         self.model = build_model(cfg, self.data).to(self.device)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autocdsr.data.batches import bert4rec_train_batch, eval_batch, sasrec_train_batch
-from autocdsr.data.dataset import build_leave_one_out, load_dataset
+from autocdsr.data.dataset import build_leave_one_out, load_dataset, training_windows
 from autocdsr.data.reader import DataError, read_inter
 from autocdsr.data.synthetic import generate
 from kernels import WILDCARD_DOMAIN
@@ -130,3 +130,16 @@ def test_predefined_split_rejects_a_user_in_two_files(tmp_path):
         write(tmp_path / f"demo.{part}.inter", HEADER + rows)
     with pytest.raises(DataError, match="1 users appear in both the train and the valid file"):
         load_dataset(str(tmp_path), "demo", "files")
+
+
+def test_training_windows_cover_every_event_once():
+    data = build_leave_one_out(generate(30, min_len=10, max_len=40, seed=2), "s")
+    windows = training_windows(data.train, 8)
+    assert len(windows) > len(data.train)
+    assert np.diff(windows.offsets).max() <= 8 and np.diff(windows.offsets).min() >= 2
+    for r in range(len(data.train)):  # a user's windows, in order, are the user's events
+        mine = [w for w in range(len(windows)) if windows.users[w] == data.train.users[r]]
+        joined = np.concatenate([windows.row(w)[0] for w in mine])
+        full = data.train.row(r)[0]
+        assert np.array_equal(joined, full[len(full) - len(joined):])
+        assert len(full) - len(joined) <= 1   # only a 1-event head can be left out

@@ -230,6 +230,24 @@ def keep_target_domains(data, domains):
     return data
 
 
+def training_windows(seqs, window):
+    """Each training sequence cut, from its end, into consecutive pieces of `window` events
+    (the first piece may be shorter; pieces under 2 events are dropped), so that training sees
+    every event rather than only each user's most recent `window`."""
+    lengths = np.diff(seqs.offsets)
+    cuts = [np.arange(hi, lo, -window)[::-1] for lo, hi in zip(seqs.offsets[:-1], seqs.offsets[1:])]
+    starts = np.concatenate([np.maximum(c - window, lo) for c, lo in zip(cuts, seqs.offsets[:-1])])
+    ends = np.concatenate(cuts) if len(cuts) else np.zeros(0, np.int64)
+    keep = ends - starts >= 2
+    starts, ends = starts[keep], ends[keep]
+    owner = np.repeat(np.arange(len(lengths)), [len(c) for c in cuts])[keep]
+    sizes = ends - starts
+    index = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
+    users = None if seqs.users is None else seqs.users[owner]
+    return Sequences(np.r_[0, np.cumsum(sizes)], seqs.items[index], seqs.domains[index],
+                     users=users)
+
+
 def select_rows(seqs, rows):
     """A new Sequences with the given rows (targets and users carried along)."""
     lengths = np.diff(seqs.offsets)[rows]
