@@ -303,9 +303,13 @@ class Trainer:
         tables = [("valid", valid), ("test", test), ("test, MostPop baseline", popular)]
         oracle = None
         if self.oracle is not None:
-            table = oracle_table(self.data, self.data.test, self.oracle, "test")
+            # a BERT4Rec [MASK] that keeps the target's domain tells the model that domain
+            knows = cfg.model.arch == "bert4rec" and cfg.data.mask_domain == "target"
+            table = oracle_table(self.data, self.data.test, self.oracle, "test", knows)
             oracle = self.evaluate(self.data.test, "oracle", table_scorer(table, self.device))
-            tables.append(("test, the generator's oracle", oracle))
+            oracle["knows_target_domain"] = knows
+            tables.append(("test, the generator's oracle" +
+                           (" (knows the target's domain)" if knows else ""), oracle))
         for title, result in tables:
             log.info("\n%s", format_table(f"{self.data.name} {cfg.model.arch} {cfg.objective} | {title}",
                                            cfg.eval.protocol, result, ks))

@@ -93,13 +93,25 @@ def oracle_scores(index, topic, cursor):
     return scores
 
 
-def oracle_table(data, split, oracle, which):
-    """[len(split), num_items + 1] oracle probabilities of each row's target (column 0 =
-    padding), to score like a model under any protocol. which: "valid" or "test"."""
+def oracle_table(data, split, oracle, which, know_domain=False, seed=0):
+    """[len(split), num_items + 1] oracle scores of each row's target (column 0 = padding),
+    to score like a model under any protocol. which: "valid" or "test".
+
+    know_domain: condition on the target's domain (a BERT4Rec whose appended [MASK] carries
+    the target's domain knows it too). A tiny seeded jitter breaks the ties between equally
+    likely items in a fixed random order, as any scorer has to: so the oracle's HR@K is the
+    best a predictor can expect (the top K most probable items), not a tie-counting artefact.
+    """
     cursor_index = 1 if which == "valid" else 2
     index = {tok: i + 1 for i, tok in enumerate(data.item_tokens)}
-    table = np.zeros((len(split), data.num_items + 1), dtype=np.float32)
+    table = np.zeros((len(split), data.num_items + 1))
+    domain_of = np.zeros(data.num_items + 1, dtype=np.int64)
+    for d, pool in enumerate(data.domain_items):
+        domain_of[pool] = d
     for r, user in enumerate(split.users):
         state = oracle[user]
         table[r] = oracle_scores(index, state[0], state[cursor_index])
-    return table
+        if know_domain:
+            table[r] = np.where(domain_of == split.target_domains[r], table[r], 0.0)
+    jitter = np.random.default_rng(seed).random(table.shape[1]) * 1e-7  # << any gap between levels
+    return (table + jitter[None]).astype(np.float64)
