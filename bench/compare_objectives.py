@@ -19,10 +19,14 @@ import shutil
 
 import numpy as np
 
+from omegaconf import OmegaConf
+
 from autocdsr.analyze import analyze, plot_trajectory
+from autocdsr.checkpoint import load_safe
 from autocdsr.compare import compare
 from autocdsr.config import load_config
-from autocdsr.train import train
+from autocdsr.evaluate import popularity_scorer
+from autocdsr.train import Trainer, train
 
 VARIANTS = {
     "sasrec/base": ["model.arch=sasrec", "objective=base"],
@@ -55,6 +59,30 @@ def run_variant(out, name, seed, settings):
     return run_dir
 
 
+def reevaluate(run_dir, protocol, out_dir):
+    """best.pt of a finished run evaluated under another protocol, written as a run folder
+    (config.yaml + metrics.json) that autocdsr compare reads. Reused when it exists."""
+    done = os.path.join(out_dir, "metrics.json")
+    if os.path.exists(done):
+        return out_dir
+    cfg = load_config(None, [], base=OmegaConf.load(os.path.join(run_dir, "config.yaml")))
+    cfg.eval.protocol, cfg.run_dir = protocol, out_dir
+    trainer = Trainer(cfg)
+    trainer.model.load_state_dict(load_safe(os.path.join(run_dir, "best.pt"))["model"])
+    metrics = {"protocol": protocol, "seed": cfg.train.seed, "dataset": trainer.data.name,
+               "reevaluated_from": run_dir,
+               "valid": trainer.evaluate(trainer.data.valid, "valid"),
+               "test": trainer.evaluate(trainer.data.test, "test"),
+               "baseline_mostpop_test": trainer.evaluate(
+                   trainer.data.test, "mostpop", popularity_scorer(trainer.data.popularity, "cpu"))}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+    with open(done, "w") as f:
+        json.dump(metrics, f, indent=1)
+    return out_dir
+
+
 def mean_trajectory(run_dirs):
     """Per-epoch mean over seeds (up to the shortest run) of the history entries."""
     histories = []
@@ -81,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], help="key=value for every run")
     parser.add_argument("--no-analysis", action="store_true")
+    parser.add_argument("--also-protocol", help="evaluate every best.pt under this protocol too "
+                        "(e.g. full) and add its table")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -98,6 +128,12 @@ def main(argv=None):
         dirs = [d for n in names for d in runs[n]]
         text, _ = compare(dirs, out=os.path.join(args.out, arch))
         report += [f"## {arch}", "", text, ""]
+        if args.also_protocol:
+            again = [reevaluate(d, args.also_protocol, d.replace(os.sep + "runs" + os.sep,
+                                                                 f"{os.sep}runs_{args.also_protocol}{os.sep}"))
+                     for d in dirs]
+            text, _ = compare(again, out=os.path.join(args.out, f"{arch}_{args.also_protocol}"))
+            report += [f"## {arch}, the same checkpoints under {args.also_protocol}", "", text, ""]
         plot_trajectory([(n, mean_trajectory(runs[n])) for n in names],
                         os.path.join(args.out, f"{arch}_trajectory.png"))
         base = f"{arch}/base"
