@@ -99,6 +99,9 @@ def plot_trajectory(histories, path, metric="NDCG@10"):
         epochs = [h["epoch"] for h in history]
         for ax, (key, name) in zip(axes, keys):
             values = [h["valid"][key] if key == metric else h[key] for h in history]
+            if key in ("lambda", "cosine") and not any(values):
+                ax.plot([], [], label=label)  # base has no lambda, fixed weighting no cosine
+                continue
             ax.plot(epochs, values, marker=".", label=label)
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
