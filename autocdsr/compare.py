@@ -14,6 +14,8 @@ import os
 import numpy as np
 from omegaconf import OmegaConf
 
+from .config import Config
+
 DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam")
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
@@ -32,7 +34,9 @@ def load_run(run_dir):
         if not os.path.isfile(path):
             raise CompareError(f"{run_dir}: no {os.path.basename(path)} (not a finished run)")
     with open(paths[1]) as f:
-        return OmegaConf.load(paths[0]), json.load(f)
+        metrics = json.load(f)
+    # keys added after a run was made take their defaults, so old and new runs compare
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(paths[0])), metrics
 
 
 def _value(cfg, key):
@@ -152,7 +156,10 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
             raise CompareError(f"baseline '{baseline}' matches {len(matches)} groups of "
                                f"{list(groups)}")
         baseline = matches[0]
-    domains = sorted({d for ms in groups.values() for _, m, _ in ms for d in m["test"]["per_domain"]})
+    if baseline:  # the baseline first, the others as found
+        groups = {baseline: groups[baseline], **{g: v for g, v in groups.items() if g != baseline}}
+    domains = sorted({d for ms in groups.values() for _, m, _ in ms for d in m["test"]["per_domain"]},
+                     key=lambda d: (len(d), d))
     rows = summarize(groups, baseline, list(metric_keys), domains)
     first_cfg, first_metrics = runs[0][1], runs[0][2]
     from .evaluate import PROTOCOL_TEXT
