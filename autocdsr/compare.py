@@ -113,8 +113,8 @@ def summarize(groups, baseline, metric_keys, domains):
 def _fmt_cell(cell):
     text = f"{cell['mean']:.4f} ± {cell['std']:.4f}"
     if "diff" in cell:
-        p = "n/a" if math.isnan(cell["p"]) else f"{cell['p']:.2f}"
-        text += f" ({cell['diff']:+.4f}, p={p})"
+        p = "=n/a" if math.isnan(cell["p"]) else "<0.01" if cell["p"] < 0.01 else f"={cell['p']:.2f}"
+        text += f" ({cell['diff']:+.4f}, p{p})"
     return text
 
 
