@@ -81,7 +81,8 @@ def step_fn(model, batch, objective, loss_kind, compile=False):
     """The project's step (autocdsr.step.TrainStep), or the paper-code-style step."""
     if objective == "paper_autocdsr":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        reference = TrainStep(model, optimizer, loss=loss_kind)  # for its forward only
+        amp = torch.bfloat16 if batch["items"].is_cuda else None  # the same precision as ours
+        reference = TrainStep(model, optimizer, loss=loss_kind, amp_dtype=amp)  # its forward
 
         def step():
             optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ attention-mass matrices before/after (autocdsr analyze) and the lambda / cosine 
 
     python -m bench.compare_objectives --out bench/results/study-synthetic --seeds 0 1 2
     python -m bench.compare_objectives --out DIR --variants bert4rec/base bert4rec/autocdsr \\
-        --set data.path=../shared/data/kuairand1k data.split=files train.loss=inbatch_official \\
+        --set data.path=PATH/TO/kuairand1k data.split=files train.loss=inbatch_official \\
               eval.protocol=uni100_vocab
 
 A run directory that already has metrics.json is reused, not retrained, so the study can be
