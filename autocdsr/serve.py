@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from .checkpoint import load_safe
 from .config import load_config
 from .data.batches import eval_batch, to_device
-from .data.dataset import Sequences
+from .data.dataset import Sequences, select_rows
 from .evaluate import uses_cosine
 
 
@@ -123,7 +123,7 @@ def recommend(checkpoint, k, out, users_file=None, domain=None, include_history=
         writer.writerow(["user_id", "item_id", "rank", "score"])
         for lo in range(0, len(rows), batch_size):
             chunk = rows[lo:lo + batch_size]
-            picked = _subset(seqs, chunk)
+            picked = select_rows(seqs, chunk)
             states = user_states(cfg, data, model, picked, mask_domains[chunk], batch_size, device)
             scores = states @ items.T
             scores[:, ~allowed] = -torch.inf
@@ -140,14 +140,6 @@ def recommend(checkpoint, k, out, users_file=None, domain=None, include_history=
                     writer.writerow([user, data.item_tokens[item], rank, f"{score:.6g}"])
                     lines += 1
     return lines
-
-
-def _subset(seqs, rows):
-    lengths = np.diff(seqs.offsets)[rows]
-    starts = seqs.offsets[rows]
-    index = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
-    return Sequences(np.r_[0, np.cumsum(lengths)], seqs.items[index], seqs.domains[index],
-                     users=seqs.users[rows])
 
 
 def export(checkpoint, out, batch_size=256, device="cpu"):
