@@ -29,8 +29,9 @@ class Comm:
     """The group this process trains in (a world of 1 when not launched by torchrun), with a
     running count of the bytes it all-reduced."""
 
-    def __init__(self, rank=0, world=1):
+    def __init__(self, rank=0, world=1, owns_group=False):
         self.rank, self.world, self.bytes = rank, world, 0
+        self.owns_group = owns_group  # init() joined it, so close() leaves it
 
     @property
     def active(self):
@@ -85,6 +86,15 @@ class Comm:
         if self.active:
             dist.barrier()
 
+    def close(self, clean=True):
+        """Leave the group. After a clean run every rank first waits for the others, so none
+        tears its transport down while a peer still talks to it; left to interpreter exit, the
+        gloo threads can be destroyed while running and abort the process."""
+        if self.active and self.owns_group and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+
 
 def init(device_name="auto"):
     """(Comm, device): joins the torchrun group when WORLD_SIZE > 1."""
@@ -96,7 +106,8 @@ def init(device_name="auto"):
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         timeout = datetime.timedelta(seconds=float(os.environ.get("AUTOCDSR_DIST_TIMEOUT", 600)))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    return Comm(rank, world), device
+    return Comm(rank, world, owns), device

@@ -347,7 +347,13 @@ def setup_logging(run_dir):
 def train(cfg, resume_state=None, data=None):
     setup_logging(cfg.run_dir)
     trainer = Trainer(cfg, data)
-    if resume_state is not None:
-        trainer.load_state(resume_state)
-        log.info("resumed at epoch %d, step %d", trainer.epoch + 1, trainer.step_in_epoch)
-    return trainer.fit()
+    clean = False
+    try:
+        if resume_state is not None:
+            trainer.load_state(resume_state)
+            log.info("resumed at epoch %d, step %d", trainer.epoch + 1, trainer.step_in_epoch)
+        metrics = trainer.fit()
+        clean = True
+        return metrics
+    finally:
+        trainer.comm.close(clean)
