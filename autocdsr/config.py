@@ -63,6 +63,8 @@ class TrainConfig:
     max_bad_steps: int = 20     # non-finite steps in a row before the run stops
     checkpoint_every: int = 0   # also write last.pt every N steps (0 = at each epoch end)
     compile: bool = False       # run the whole step compiled (torch.compile, fullgraph)
+    cuda_graph: bool = False    # capture the whole step as CUDA graphs and replay them
+    prefetch: int = 2           # batches built ahead on a background thread (0 = none)
 
 
 @dataclass
@@ -180,6 +182,9 @@ def check_config(cfg):
     if not 16 <= head_dim <= 128:
         raise ConfigError(f"the attention head dim (model.head_dim, or model.hidden / "
                           f"model.heads) = {head_dim} must be in 16..128")
+    if cfg.train.prefetch < 0:
+        raise ConfigError(f"train.prefetch must be >= 0 (0 = build each batch when needed), "
+                          f"got {cfg.train.prefetch}")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature must be > 0, got {cfg.train.temperature}")
     if not 0.0 < cfg.data.mask_prob < 1.0:

@@ -9,7 +9,9 @@ Nothing reads a value back to the host: a non-finite step is skipped on the devi
 update, the moments and the step count are left as they were; counted), the learning rate
 lives in a device tensor that the loop fills from the scheduler before the step, and every
 logged scalar is a 0-d device tensor. `torch.compile(step.function, fullgraph=True)` traces it
-whole (tests/test_step.py); `TrainStep(..., compile=True)` runs it compiled.
+whole (tests/test_step.py); `TrainStep(..., compile=True)` runs it compiled, and
+`TrainStep(..., cuda_graph=True)` captures it as CUDA graphs and replays them
+(autocdsr.graph_step).
 
 Two ways to apply AdamW, on the optimizer's own state (checkpoints and the scheduler work
 with the torch.optim.AdamW object either way): compiled, the update is written out with
@@ -21,6 +23,7 @@ import torch
 
 from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
 
+from .graph_step import CapturedStep
 from .losses import recommendation_loss
 from .objectives import cross_domain_loss
 
@@ -124,13 +127,14 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, we
     torch._foreach_add_(params, update)
 
 
-def make_optimizer(model, train_cfg, compiled=False):
-    """AdamW over every trainable parameter: fused (one kernel, device-side skip) for the eager
-    step; plain and capturable (the step count on the parameters' device) for the compiled
-    one, which applies the update itself."""
+def make_optimizer(model, train_cfg, fused=True):
+    """AdamW over every trainable parameter. fused=True: torch's fused kernel (one kernel,
+    device-side skip), for the eager step. fused=False: plain and capturable (the step count
+    on the parameters' device), for the compiled and the graph-captured steps, which write
+    the update out themselves (adamw_update)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    if compiled:
+    if not fused:
         return torch.optim.AdamW(params, capturable=params[0].is_cuda, **kw)
     return torch.optim.AdamW(params, fused=True, **kw)
 
@@ -145,14 +149,16 @@ class TrainStep:
 
     def __init__(self, model, optimizer, *, loss="full", objective="base", mode="pareto",
                  lam=0.1, every=1, shared="reached", grad_clip=1.0, num_negatives=1000,
-                 logits="dot", temperature=1.0, amp_dtype=None, compile=False, comm=None):
+                 logits="dot", temperature=1.0, amp_dtype=None, compile=False, cuda_graph=False,
+                 comm=None):
         self.model, self.optimizer = model, optimizer
         self.loss_kwargs = dict(num_negatives=num_negatives, logits=logits,
                                 temperature=temperature)
         self.loss, self.amp_dtype, self.grad_clip = loss, amp_dtype, grad_clip
         self.comm = comm  # autocdsr.distributed.Comm, or None for one process
-        if compile and comm is not None and comm.active:
-            raise ValueError("train.compile=true is not supported with data parallelism yet")
+        if (compile or cuda_graph) and comm is not None and comm.active:
+            raise ValueError("train.compile / train.cuda_graph are not supported with data "
+                             "parallelism yet")
         self.mode = "none" if objective == "base" else mode
         self.every = every
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -180,6 +186,10 @@ class TrainStep:
         self.bad_in_row = torch.zeros((), dtype=torch.int64, device=device)
         self.steps = 0
         fused = optimizer.defaults.get("fused")
+        self.cuda_graph = cuda_graph
+        if cuda_graph and (device.type != "cuda" or fused):
+            raise ValueError("a graph-captured step needs the model on a CUDA device and an "
+                             "optimizer from make_optimizer(..., fused=False)")
         self.function = self.run_eager if fused else self.run
         if compile:
             torch._dynamo.config.trace_autograd_ops = True  # trace torch.autograd.grad
@@ -187,6 +197,8 @@ class TrainStep:
             import torch._inductor.config as inductor_config
             inductor_config.fallback_random = True
             self.function = torch.compile(self.run, fullgraph=True)
+        if cuda_graph:
+            self.function = CapturedStep(self.function)
 
     # ---------------------------------------------------------------- the traced function
     def losses(self, batch):
@@ -198,8 +210,9 @@ class TrainStep:
         if self.comm is not None and self.comm.active:  # global counts normalise the losses
             rec_count, cd_count = self.comm.summed(
                 [torch.stack([batch["target_weight"].sum(), query_mask.float().sum()])])[0]
+        # a captured graph must not keep autocast's cast-weight cache across replays
         with torch.autocast(batch["items"].device.type, dtype=self.amp_dtype,
-                            enabled=self.amp_dtype is not None):
+                            enabled=self.amp_dtype is not None, cache_enabled=not self.cuda_graph):
             item_vectors = model.item_embedding(batch["items"])
             hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"],
                                    item_vectors)
@@ -262,8 +275,8 @@ class TrainStep:
         solve = self.solves_this_step()
         self.lr.fill_(self.optimizer.param_groups[0]["lr"])
         out = self.function(batch, self.lr, self.lam, solve)
-        if solve:
-            self.lam, self.cosine = out["lam"], out["cosine"]
+        if solve:  # copies: a captured step's outputs are overwritten by its next replay
+            self.lam, self.cosine = out["lam"].clone(), out["cosine"].clone()
             self.fallbacks = self.fallbacks + (~out["ok"]).long()
         bad = (~out["finite"]).long()
         self.skipped = self.skipped + bad

@@ -19,6 +19,7 @@ from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .config import to_yaml
 from . import distributed
 from .data.batches import bert4rec_train_batch, sasrec_train_batch, shard_batch, to_device
+from .data.prefetch import prefetched
 from .data.dataset import (build_leave_one_out, keep_domains, keep_target_domains, load_dataset,
                            training_windows)
 from .data.synthetic import generate, oracle_table
@@ -95,6 +96,9 @@ class Trainer:
         self.cfg = cfg
         self.comm, device = distributed.init(cfg.train.device)
         self.device = device or resolve_device(cfg.train.device)
+        if cfg.train.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"train.cuda_graph=true needs a CUDA device (this run is on "
+                             f"{self.device}); train with train.cuda_graph=false")
         if cfg.train.batch_size % self.comm.world:
             raise ValueError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and "
                              f"must be divisible by the number of processes ({self.comm.world})")
@@ -111,7 +115,8 @@ class Trainer:
         if self.comm.active:  # the seeds already agree; rank 0's weights make sure of it
             for tensor in self.model.state_dict().values():
                 torch.distributed.broadcast(tensor, src=0)
-        self.optimizer = make_optimizer(self.model, cfg.train, compiled=cfg.train.compile)
+        self.optimizer = make_optimizer(self.model, cfg.train,
+                                        fused=not (cfg.train.compile or cfg.train.cuda_graph))
         self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.train.batch_size)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -128,7 +133,7 @@ class Trainer:
             shared=cfg.weighting.shared, grad_clip=cfg.train.grad_clip,
             num_negatives=cfg.train.num_negatives, logits=cfg.train.logits,
             temperature=cfg.train.temperature, amp_dtype=self.amp_dtype,
-            compile=cfg.train.compile, comm=self.comm)
+            compile=cfg.train.compile, cuda_graph=cfg.train.cuda_graph, comm=self.comm)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         self.history, self.pending = [], []
@@ -172,8 +177,11 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # ------------------------------------------------------------------ steps
-    def _batch(self, rows, epoch, index):
+    def _host_batch(self, epoch, order, index):
+        """Training batch `index` of `epoch`, on the host: a pure function of its arguments
+        (safe to build ahead, on another thread)."""
         cfg, data = self.cfg, self.data
+        rows = order[index * cfg.train.batch_size:(index + 1) * cfg.train.batch_size]
         if len(rows) < cfg.train.batch_size:  # fixed shapes: empty rows fill the last batch
             rows = np.r_[rows, np.full(cfg.train.batch_size - len(rows), -1)]
         if cfg.model.arch == "sasrec":
@@ -184,7 +192,19 @@ class Trainer:
                                          self.model.hide_mask_domain, cfg.data.mask_prob, rng)
         if self.comm.active:  # this rank's rows of the global batch
             batch = shard_batch(batch, self.comm.rank, self.comm.world)
-        return to_device(batch, self.device)
+        return batch
+
+    def _epoch_batches(self, order):
+        """This epoch's remaining batches on the device, built train.prefetch ahead."""
+        epoch, steps = self.epoch, range(self.step_in_epoch, self.steps_per_epoch)
+        depth = self.cfg.train.prefetch
+        if depth:
+            host = prefetched(lambda i: self._host_batch(epoch, order, i), steps, depth,
+                              pin=self.device.type == "cuda")
+        else:
+            host = (self._host_batch(epoch, order, i) for i in steps)
+        for batch in host:
+            yield to_device(batch, self.device)
 
     def train_step(self, batch):
         out = self.step(batch)
@@ -245,10 +265,8 @@ class Trainer:
                        desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", leave=False,
                        mininterval=1.0, disable=None if self.comm.main else True)
             t_start = time.perf_counter()
-            while self.step_in_epoch < self.steps_per_epoch:
-                index = self.step_in_epoch
-                rows = order[index * cfg.train.batch_size:(index + 1) * cfg.train.batch_size]
-                self.train_step(self._batch(rows, self.epoch, index))
+            for batch in self._epoch_batches(order):
+                self.train_step(batch)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 bar.update(1)

@@ -1,5 +1,7 @@
 """Time per training step and peak memory: SASRec / BERT4Rec x base / AutoCDSR / AutoCDSR+
-x attention backend x step mode (eager, compiled), and a paper-code-style AutoCDSR step (three
+x attention backend x step mode (eager; compiled: torch.compile of the whole step; graph: the
+whole step captured as CUDA graphs and replayed, the batch copied into its static buffers
+inside the timed region), and a paper-code-style AutoCDSR step (three
 backward passes, gradients flattened and concatenated, the solver on the host with .item()
 calls) on the same model. Every step but the paper-style one is autocdsr.step.TrainStep, the
 trainer's own. Times are ratios to the base model with the same arch, backend and mode (the
@@ -77,7 +79,7 @@ def paper_style_backward(model, loss_rec, loss_cd):
     (loss_rec + loss_cd * lam).backward()
 
 
-def step_fn(model, batch, objective, loss_kind, compile=False):
+def step_fn(model, batch, objective, loss_kind, mode="eager"):
     """The project's step (autocdsr.step.TrainStep), or the paper-code-style step."""
     if objective == "paper_autocdsr":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -89,14 +91,15 @@ def step_fn(model, batch, objective, loss_kind, compile=False):
             paper_style_backward(model, *reference.losses(batch)[:2])
             optimizer.step()
         return step
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-3), compiled=compile)
-    train_step = TrainStep(model, optimizer, loss=loss_kind, compile=compile,
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3), fused=mode == "eager")
+    train_step = TrainStep(model, optimizer, loss=loss_kind, compile=mode == "compiled",
+                           cuda_graph=mode == "graph",
                            objective="base" if objective == "base" else "autocdsr",
                            amp_dtype=torch.bfloat16 if batch["items"].is_cuda else None)
     return lambda: train_step(batch)
 
 
-def case_step(arch, objective, size, device, backend, loss_kind="full", compile=False):
+def case_step(arch, objective, size, device, backend, loss_kind="full", mode="eager"):
     """A no-argument closure: one training step of (arch, objective) at `size`."""
     torch.manual_seed(0)
     model_cfg = ModelConfig(arch=arch, hidden=size["hidden"], heads=size["heads"],
@@ -104,7 +107,7 @@ def case_step(arch, objective, size, device, backend, loss_kind="full", compile=
                             head_dim=size.get("head_dim", 0), ffn_hidden=size.get("ffn", 0),
                             bottleneck_tokens=4 if objective == "autocdsr_plus" else 0)
     model = Recommender(model_cfg, size["items"], 4, size["length"], backend=backend).to(device)
-    return step_fn(model, make_batch(arch, size, device), objective, loss_kind, compile)
+    return step_fn(model, make_batch(arch, size, device), objective, loss_kind, mode)
 
 
 def measure(step, device, steps):
@@ -127,9 +130,10 @@ def run(device, size, backends, loss_kind="full", cases=None, modes=("eager",), 
         for mode in modes:
             for arch, objective in cases:
                 if objective == "paper_autocdsr" and mode != "eager":
-                    continue  # the official procedure is host-bound: it has no compiled form
-                step = case_step(arch, objective, size, device, backend, loss_kind,
-                                 compile=mode == "compiled")
+                    continue  # the official procedure reads values on the host: eager only
+                if mode == "graph" and device.type != "cuda":
+                    continue
+                step = case_step(arch, objective, size, device, backend, loss_kind, mode)
                 median, p20, p80, peak = measure(step, device, size["steps"])
                 row = {"backend": backend, "mode": mode, "arch": arch, "objective": objective,
                        "ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mib": peak}
@@ -172,7 +176,7 @@ def main(argv=None):
                                        "for the paper presets)")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--cpu-size", action="store_true", help="same as --preset cpu")
-    parser.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compiled"))
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compiled", "graph"))
     parser.add_argument("--backends", nargs="+")
     parser.add_argument("--out")
     args = parser.parse_args(argv)

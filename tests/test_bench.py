@@ -1,8 +1,11 @@
 """The benchmarks run (tiny sizes) so they do not rot; ratios and tables are well formed."""
 import math
 
+import pytest
+
 import torch
 
+import kernels
 from bench import bench_attention, bench_solver, bench_train
 
 
@@ -32,3 +35,24 @@ def test_solver_benchmark_on_cpu():
     rows = bench_solver.run(torch.device("cpu"), reps=3)
     assert {r["solver"] for r in rows} == {"device", "reference_host"}
     assert all(r["us_median"] > 0 for r in rows)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_providers_compute_the_reference_attention_and_mass():
+    """The FlexAttention mask closures (uncompiled, on the CPU) give the reference output and
+    mass in every mode, with the masks built once or per call."""
+    flex = bench_attention.flex_preparers(compile=False)
+    if not flex:
+        pytest.skip("this torch has no FlexAttention")
+    for mode, (causal, nb) in bench_attention.MODES.items():
+        q, k, v, domains, seq_lens = bench_attention.make_case((2, 2, 32, 16), torch.float32,
+                                                               torch.device("cpu"))
+        kw = dict(causal=causal, num_bottleneck=nb, seq_lens=seq_lens)
+        want_out, want_mass = kernels.reference_attention(q, k, v, domains, **kw)
+        valid = domains >= 0  # padded query rows are undefined in FlexAttention's output
+        for name in ("flex", "flex_per_batch"):
+            out, mass = flex[name](q, k, v, domains, **kw)()
+            assert torch.allclose(out.transpose(1, 2)[valid], want_out.transpose(1, 2)[valid],
+                                  atol=1e-5), (name, mode)
+            assert torch.allclose(mass.transpose(1, 2)[valid], want_mass.transpose(1, 2)[valid],
+                                  atol=1e-5), (name, mode)

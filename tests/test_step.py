@@ -70,7 +70,7 @@ def _setup(arch, objective, bottleneck, backend="sdpa", batch_size=6, max_len=12
 
 def _one_step(model, batch, objective, compile, backend="aot_eager"):
     """Two steps of the same function (written-out AdamW), eager or compiled."""
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-2), compiled=True)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-2), fused=False)
     step = TrainStep(model, optimizer, loss="full", objective=objective, compile=compile)
     if compile:  # the graph-break check without inductor's C++ build: AOT autograd, eager ops
         step.function = torch.compile(step.run, fullgraph=True, backend=backend)
@@ -130,7 +130,7 @@ def test_cd_pass_through_the_lookup_equals_the_dense_table_gradient(arch):
     """g_cd taken at the [B, L, H] lookup and index-added into the table rows gives the same
     combined gradient as the dense table gradient of a full second pass."""
     model, batch = _setup(arch, "autocdsr", 0)
-    step = TrainStep(model, make_optimizer(model, TrainConfig(), compiled=True),
+    step = TrainStep(model, make_optimizer(model, TrainConfig(), fused=False),
                      objective="autocdsr")
     assert not step.table_in_gram
     sparse, _, _, out_sparse = step.gradients(batch, step.lam, True)
@@ -174,7 +174,7 @@ def test_inductor_compiled_step_matches_eager_on_gpu(case):
     twin = copy.deepcopy(model)
     outs = []
     for m, compile in ((model, False), (twin, True)):
-        step = TrainStep(m, make_optimizer(m, TrainConfig(), compiled=True), objective=objective,
+        step = TrainStep(m, make_optimizer(m, TrainConfig(), fused=False), objective=objective,
                          compile=compile)
         outs.append([step(batch) for _ in range(3)])
     for a, b in zip(*outs):
@@ -182,3 +182,71 @@ def test_inductor_compiled_step_matches_eager_on_gpu(case):
         assert torch.allclose(a["loss"], b["loss"], atol=1e-4)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_graph_captured_step_is_refused_without_cuda():
+    model, _ = _setup("sasrec", "autocdsr", 0)
+    with pytest.raises(ValueError, match="CUDA"):
+        TrainStep(model, make_optimizer(model, TrainConfig(), fused=False),
+                  objective="autocdsr", cuda_graph=True)
+
+
+def _batches(case, count):
+    """`count` different GPU batches of one shape (other users, other masking)."""
+    arch, objective, bottleneck = CASES[case]
+    out = []
+    for seed in range(count):
+        model, batch = _setup(arch, objective, bottleneck, backend="triton", batch_size=8,
+                              max_len=16, seed=seed)
+        out.append({k: v.cuda() for k, v in batch.items()})
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_graph_replay_equals_eager_on_gpu(case):
+    """train.cuda_graph=true: ten steps with every=2 (both branches warm up, get captured and
+    replay with new batches) give the eager step's lambdas, losses and weights."""
+    model, _, objective = _gpu_case(case)
+    twin = copy.deepcopy(model)
+    batches = _batches(case, 10)
+    runs = []
+    for m, graph in ((model, False), (twin, True)):
+        step = TrainStep(m, make_optimizer(m, TrainConfig(), fused=False), objective=objective,
+                         every=2, cuda_graph=graph)
+        runs.append([{k: v.clone() for k, v in step(b).items()} for b in batches])
+        if graph:
+            assert step.function.captured == (1 if objective == "base" else 2)
+    for a, b in zip(*runs):
+        for key in ("loss", "cd", "lam"):
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), key
+    if objective != "base":
+        assert runs[1][-1]["lam"].item() != 0.0
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["sasrec/autocdsr", "bert4rec/autocdsr_plus"])
+def test_graph_replay_runs_without_host_sync_on_gpu(case):
+    """Replays (the batch copied into the static buffers, bf16 autocast, dropout) never
+    synchronise with the host."""
+    model, _, objective = _gpu_case(case)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    batches = _batches(case, 3)
+    step = TrainStep(model, make_optimizer(model, TrainConfig(), fused=False),
+                     objective=objective, amp_dtype=torch.bfloat16, cuda_graph=True)
+    for batch in batches:  # warm-up and capture
+        step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [{k: v.clone() for k, v in step(b).items()} for b in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.function.captured == 1
+    assert all(torch.isfinite(o["loss"]) for o in outs)
+    assert outs[0]["loss"].item() != outs[1]["loss"].item()  # the new batch was used
