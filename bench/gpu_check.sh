@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, under 6 minutes: the gpu-marked tests (kernels, the sync-free step, the
-# Inductor-compiled step), then the headline attention and training-step benchmarks (eager and
-# compiled, the small and the paper preset). Usage: bash bench/gpu_check.sh OUT_DIR
+# Inductor-compiled step, graph replay = eager), then the headline attention benchmark (eager
+# and CUDA-graph replay times) and the training-step benchmark (eager, compiled and graph
+# modes, the small and the paper preset). Usage: bash bench/gpu_check.sh OUT_DIR
 # OUT_DIR gets device.txt, gpu_tests.log, bench.log, attention.{json,md}, train_full.{json,md},
 # train_paper.{json,md}, flex/attention.json.
 set -uo pipefail
@@ -13,20 +14,20 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 } > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 # xdist spreads the first-call kernel compilations over the CPU cores.
-timeout 180 python -m pytest -q -n 8 -p no:cacheprovider -m "gpu or not slow" \
+timeout 150 python -m pytest -q -n 8 -p no:cacheprovider -m "gpu or not slow" \
     tests/test_kernels_triton_gpu.py tests/test_kernels_triton_interpret.py tests/test_pareto.py \
     tests/test_step.py \
     2>&1 | tee "$out/gpu_tests.log" | tail -15
 {
-  timeout 90 python -m bench.bench_attention --device cuda --out "$out" --dtypes bf16 fp32 \
+  timeout 70 python -m bench.bench_attention --device cuda --out "$out" --dtypes bf16 \
       --providers triton sdpa_mass reference sdpa_plain
-  timeout 40 python -m bench.bench_train --device cuda --out "$out" --backends triton \
-      --modes eager compiled
-  timeout 40 python -m bench.bench_train --device cuda --out "$out" --backends triton \
-      --preset paper --modes eager compiled
-  timeout 20 python -m bench.bench_solver --device cuda
-  timeout 30 python -m bench.bench_attention --device cuda --out "$out/flex" --dtypes bf16 \
-      --modes causal bidir --shapes 256,2,200,32 64,2,800,32 --providers triton flex
+  timeout 45 python -m bench.bench_train --device cuda --out "$out" --backends triton \
+      --modes eager compiled graph
+  timeout 60 python -m bench.bench_train --device cuda --out "$out" --backends triton \
+      --preset paper --modes eager compiled graph
+  timeout 10 python -m bench.bench_solver --device cuda
+  timeout 25 python -m bench.bench_attention --device cuda --out "$out/flex" --dtypes bf16 \
+      --modes causal bidir --shapes 256,2,200,32 64,2,800,32 --providers triton flex flex_per_batch
   rm -f "$out/flex/attention.md"
 } > "$out/bench.log" 2>&1
 cat "$out/train_full.md" "$out/train_paper.md"
