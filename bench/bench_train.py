@@ -35,6 +35,14 @@ PAPER_SHAPES = ((16, 800), (64, 200))
 # the previous version of this project could run (before/after comparisons on the CPU).
 PAPER_D16 = dict(PAPER, heads=2, head_dim=0, ffn=0)
 PAPER_CASES = [("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "autocdsr_plus")]
+# --reuse: the steps between two solver steps under weighting.every=N (lambda reused: one
+# backward pass of L_rec + lambda L_cd). A step amortised over N is (solve + (N-1) reuse) / N.
+REUSE_CASES = [("bert4rec", "autocdsr_reuse"), ("bert4rec", "autocdsr_plus_reuse")]
+
+
+DEFAULT_CASES = [("sasrec", "base"), ("sasrec", "autocdsr"), ("sasrec", "paper_autocdsr"),
+                 ("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "paper_autocdsr"),
+                 ("bert4rec", "autocdsr_plus")]
 
 
 def make_batch(arch, size, device, seed=0):
@@ -95,6 +103,7 @@ def step_fn(model, batch, objective, loss_kind, mode="eager"):
     train_step = TrainStep(model, optimizer, loss=loss_kind, compile=mode == "compiled",
                            cuda_graph=mode == "graph",
                            objective="base" if objective == "base" else "autocdsr",
+                           every=10**9 if objective.endswith("_reuse") else 1,
                            amp_dtype=torch.bfloat16 if batch["items"].is_cuda else None)
     return lambda: train_step(batch)
 
@@ -105,7 +114,7 @@ def case_step(arch, objective, size, device, backend, loss_kind="full", mode="ea
     model_cfg = ModelConfig(arch=arch, hidden=size["hidden"], heads=size["heads"],
                             layers=size["layers"], dropout=0.0,
                             head_dim=size.get("head_dim", 0), ffn_hidden=size.get("ffn", 0),
-                            bottleneck_tokens=4 if objective == "autocdsr_plus" else 0)
+                            bottleneck_tokens=4 if objective.startswith("autocdsr_plus") else 0)
     model = Recommender(model_cfg, size["items"], 4, size["length"], backend=backend).to(device)
     return step_fn(model, make_batch(arch, size, device), objective, loss_kind, mode)
 
@@ -123,9 +132,7 @@ def measure(step, device, steps):
 
 def run(device, size, backends, loss_kind="full", cases=None, modes=("eager",), log=print):
     rows = []
-    cases = cases or [("sasrec", "base"), ("sasrec", "autocdsr"), ("sasrec", "paper_autocdsr"),
-                      ("bert4rec", "base"), ("bert4rec", "autocdsr"),
-                      ("bert4rec", "paper_autocdsr"), ("bert4rec", "autocdsr_plus")]
+    cases = cases or DEFAULT_CASES
     for backend in backends:
         for mode in modes:
             for arch, objective in cases:
@@ -178,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--cpu-size", action="store_true", help="same as --preset cpu")
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compiled", "graph"))
     parser.add_argument("--backends", nargs="+")
+    parser.add_argument("--reuse", action="store_true",
+                        help="also time the lambda-reuse steps of weighting.every=N")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -188,10 +197,12 @@ def main(argv=None):
     if preset.startswith("paper"):
         base_size = PAPER if preset == "paper" else PAPER_D16
         sizes = [dict(base_size, batch=b, length=length) for b, length in PAPER_SHAPES]
-        cases, loss_kind = PAPER_CASES, args.loss or "inbatch_official"
+        cases, loss_kind = list(PAPER_CASES), args.loss or "inbatch_official"
     else:
         sizes = [{"full": FULL, "cpu": CPU, "quick": QUICK}[preset]]
-        cases, loss_kind = None, args.loss or "full"
+        cases, loss_kind = list(DEFAULT_CASES), args.loss or "full"
+    if args.reuse:
+        cases += REUSE_CASES
     tables, all_rows = [], []
     for size in sizes:
         rows = run(device, size, backends, loss_kind, cases, args.modes)

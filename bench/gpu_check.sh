@@ -24,7 +24,7 @@ timeout 150 python -m pytest -q -n 8 -p no:cacheprovider -m "gpu or not slow" \
   timeout 45 python -m bench.bench_train --device cuda --out "$out" --backends triton \
       --modes eager compiled graph
   timeout 60 python -m bench.bench_train --device cuda --out "$out" --backends triton \
-      --preset paper --modes eager compiled graph
+      --preset paper --modes eager compiled graph --reuse
   timeout 10 python -m bench.bench_solver --device cuda
   timeout 25 python -m bench.bench_attention --device cuda --out "$out/flex" --dtypes bf16 \
       --modes causal bidir --shapes 256,2,200,32 64,2,800,32 --providers triton flex flex_per_batch

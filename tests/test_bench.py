@@ -56,3 +56,11 @@ def test_flex_providers_compute_the_reference_attention_and_mass():
                                   atol=1e-5), (name, mode)
             assert torch.allclose(mass.transpose(1, 2)[valid], want_mass.transpose(1, 2)[valid],
                                   atol=1e-5), (name, mode)
+
+
+def test_train_benchmark_times_the_lambda_reuse_steps():
+    size = dict(bench_train.QUICK, batch=4, length=12, items=50, steps=2)
+    rows = bench_train.run(torch.device("cpu"), size, ["sdpa"], log=lambda _: None,
+                           cases=[("bert4rec", "base")] + bench_train.REUSE_CASES)
+    assert [r["objective"] for r in rows] == ["base", "autocdsr_reuse", "autocdsr_plus_reuse"]
+    assert all(r["ratio_to_base"] > 0 for r in rows)
