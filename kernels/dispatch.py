@@ -15,7 +15,7 @@ BACKENDS = {"triton": fused_attention, "sdpa": sdpa_attention, "reference": refe
 
 
 def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
-                           scale=None, backend="auto", num_domains=None):
+                           scale=None, backend="auto", num_domains=None, check_inputs=True):
     """Masked attention and the cross-domain attention mass.
 
     q, k, v: [B, H, L, D]; domains: [B, L] integers (< 0 padding, WILDCARD_DOMAIN a token
@@ -24,11 +24,13 @@ def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, 
     match. mass[b,h,i] = sum_j P[b,h,i,j] c[i,j] with c = "different domains, neither a
     wildcard" (plain mode) or "j a bottleneck token, i not" (bottleneck mode).
     num_domains (optional): ids lie in 0..num_domains - 1; lets the sdpa backend size its
-    columns without reading the ids on the host.
+    columns without reading the ids on the host. check_inputs=False skips the argument checks
+    (for a caller that checked the same kind of inputs already: a model's later layers).
 
     Returns (out [B, H, L, D] in q.dtype, mass [B, H, L] float32).
     """
-    check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
+    if check_inputs:
+        check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "sdpa"
     if backend == "triton" and not triton_available(q.device):

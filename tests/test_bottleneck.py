@@ -69,3 +69,19 @@ def test_backends_agree_on_the_bottleneck_model(backend):
 def test_causal_encoder_with_bottleneck_tokens_is_refused():
     with pytest.raises(ValueError, match="future leakage"):
         Recommender(ModelConfig(arch="sasrec", bottleneck_tokens=4), 10, 2, 8)
+
+
+def test_the_attention_inputs_are_checked_once_per_forward(monkeypatch):
+    """The first layer checks the attention inputs; the later layers (same kind of inputs,
+    made by the model) skip the checks."""
+    import kernels.dispatch
+    calls = []
+    check = kernels.dispatch.check_attention_inputs
+    monkeypatch.setattr(kernels.dispatch, "check_attention_inputs",
+                        lambda *a: calls.append(a) or check(*a))
+    cfg = ModelConfig(arch="bert4rec", hidden=32, heads=2, layers=3, dropout=0.0,
+                      bottleneck_tokens=2, bottleneck_layers=1)
+    model = Recommender(cfg, 50, 3, 12, backend="sdpa")
+    items = torch.randint(1, 50, (2, 12))
+    model(items, torch.randint(0, 3, (2, 12)), torch.full((2,), 12))
+    assert len(calls) == 1

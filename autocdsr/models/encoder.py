@@ -15,13 +15,13 @@ class CrossDomainSelfAttention(nn.Module):
         self.proj = nn.Linear(self.width, hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, domains, seq_lens, causal, num_bottleneck):
+    def forward(self, x, domains, seq_lens, causal, num_bottleneck, check_inputs=True):
         batch, length, hidden = x.shape
         # [B, L, 3, H, D] -> three [B, H, L, D] views (the kernels take these strides as is)
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out, mass = kernels.cross_domain_attention(
             q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
-            backend=self.backend, num_domains=self.num_domains)
+            backend=self.backend, num_domains=self.num_domains, check_inputs=check_inputs)
         out = out.transpose(1, 2).reshape(batch, length, self.width)
         return self.dropout(self.proj(out)), mass
 
@@ -38,8 +38,9 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(hidden, ffn_hidden), nn.GELU(),
                                  nn.Linear(ffn_hidden, hidden), nn.Dropout(dropout))
 
-    def forward(self, x, domains, seq_lens, causal, num_bottleneck):
-        attended, mass = self.attn(self.norm1(x), domains, seq_lens, causal, num_bottleneck)
+    def forward(self, x, domains, seq_lens, causal, num_bottleneck, check_inputs=True):
+        attended, mass = self.attn(self.norm1(x), domains, seq_lens, causal, num_bottleneck,
+                                   check_inputs)
         x = x + attended
         return x + self.ffn(self.norm2(x)), mass
 
@@ -101,7 +102,8 @@ class Encoder(nn.Module):
             if nb and index == self.bottleneck_layers:
                 x, domains, seq_lens = x[:, nb:], domains[:, nb:], seq_lens - nb
                 nb = 0
-            x, mass = block(x, domains, seq_lens, causal, nb)
+            # the first layer checks the attention inputs; the later ones get the same kind
+            x, mass = block(x, domains, seq_lens, causal, nb, check_inputs=index == 0)
             masses.append(mass[..., nb:])
         if nb:  # every layer was a bottleneck layer
             x = x[:, nb:]
