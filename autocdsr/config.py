@@ -31,6 +31,7 @@ class ModelConfig:
     dropout: float = 0.1
     head_dim: int = 0         # attention head width; 0 = hidden / heads
     ffn_hidden: int = 0       # feed-forward width; 0 = 4 x hidden
+    item_bias: str = "none"   # none | zero | log_count: a learned per-item score offset
     bottleneck_tokens: int = 0     # AutoCDSR+: > 0 prepends learned IB tokens
     bottleneck_layers: int = -1    # -1 = half of the layers
 
@@ -102,6 +103,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.loss": ("full", "sampled", "inbatch", "inbatch_official"),
     "train.logits": ("dot", "cosine"),
+    "model.item_bias": ("none", "zero", "log_count"),
     "eval.protocol": ("full", "uni100_vocab", "uni999_domain"),
     "attention.backend": ("auto", "reference", "sdpa", "triton"),
 }
@@ -182,6 +184,10 @@ def check_config(cfg):
     if not 16 <= head_dim <= 128:
         raise ConfigError(f"the attention head dim (model.head_dim, or model.hidden / "
                           f"model.heads) = {head_dim} must be in 16..128")
+    if cfg.model.item_bias != "none" and (cfg.train.loss.startswith("inbatch")
+                                          or cfg.train.logits == "cosine"):
+        raise ConfigError("model.item_bias adds an offset to dot-product scores: it needs "
+                          "train.loss=full or sampled with train.logits=dot")
     if cfg.train.prefetch < 0:
         raise ConfigError(f"train.prefetch must be >= 0 (0 = build each batch when needed), "
                           f"got {cfg.train.prefetch}")

@@ -155,9 +155,9 @@ def model_scorer(model, amp_dtype=None, cosine=False):
         with torch.autocast(batch["items"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             hidden, _ = model(batch["items"], batch["domains"], batch["seq_lens"])
             states = model.prediction_states(hidden, batch["seq_lens"]).float()
-        weights = model.item_weights().float()
-        if cosine:
-            states, weights = F.normalize(states, dim=-1), F.normalize(weights, dim=-1)
+        if not cosine:
+            return model.scores(states, candidates)
+        states, weights = F.normalize(states, dim=-1), F.normalize(model.item_weights().float(), dim=-1)
         if candidates is None:
             return states @ weights.T
         return torch.einsum("bh,bnh->bn", states, weights[candidates])

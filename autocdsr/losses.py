@@ -10,8 +10,8 @@ inbatch_official: the official AutoCDSR code's in-batch loss, exactly: numerator
       exp(s_ii / tau); in the denominator every entry whose label equals the row's label (the
       diagonal included) enters as exp(0) = 1, the others as exp(s_ij / tau).
 
-full and sampled score with `logits`: "dot" (h . e) or "cosine" (cos(h, e) / temperature,
-the paper's r(x) = cos(Emb(x), h)).
+full and sampled score with `logits`: "dot" (h . e, plus the item's bias b when the model has
+one) or "cosine" (cos(h, e) / temperature, the paper's r(x) = cos(Emb(x), h)).
 """
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,10 @@ LOSSES = ("full", "sampled", "inbatch", "inbatch_official")
 LOGITS = ("dot", "cosine")
 
 
-def _ce_chunk(states, weights, targets, row_weight):
+def _ce_chunk(states, weights, targets, row_weight, bias=None):
     logits = states @ weights.T
+    if bias is not None:
+        logits = logits + bias
     return (F.cross_entropy(logits.float(), targets, reduction="none") * row_weight).sum()
 
 
@@ -36,11 +38,12 @@ def _weighted_mean(per_row, row_weight, denominator=None):
     return (per_row * row_weight).sum() / denominator.clamp(min=1.0)
 
 
-def full_softmax_loss(states, weights, targets, row_weight, denominator=None):
+def full_softmax_loss(states, weights, targets, row_weight, denominator=None, bias=None):
     rows = max(1, FULL_CHUNK_ELEMENTS // weights.shape[0])
     total = states.new_zeros((), dtype=torch.float32)
     for lo in range(0, states.shape[0], rows):
-        chunk = (states[lo:lo + rows], weights, targets[lo:lo + rows], row_weight[lo:lo + rows])
+        chunk = (states[lo:lo + rows], weights, targets[lo:lo + rows], row_weight[lo:lo + rows],
+                 bias)
         if torch.is_grad_enabled():
             total = total + checkpoint(_ce_chunk, *chunk, use_reentrant=False)
         else:
@@ -78,10 +81,13 @@ def inbatch_official_loss(states, weights, targets, row_weight=None, denominator
     return _weighted_mean(lse - logits.diagonal(), row_weight, denominator)
 
 
-def sampled_softmax_loss(states, weights, targets, row_weight, num_negatives, denominator=None):
+def sampled_softmax_loss(states, weights, targets, row_weight, num_negatives, denominator=None,
+                         bias=None):
     negatives = torch.randint(1, weights.shape[0], (num_negatives,), device=states.device)
     positive = (states * weights[targets]).sum(-1, keepdim=True)
     negative = states @ weights[negatives].T
+    if bias is not None:
+        positive, negative = positive + bias[targets, None], negative + bias[negatives][None]
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([positive, negative], dim=1).float()
     per_row = F.cross_entropy(logits, torch.zeros_like(targets), reduction="none")
@@ -89,8 +95,9 @@ def sampled_softmax_loss(states, weights, targets, row_weight, num_negatives, de
 
 
 def recommendation_loss(kind, hidden, weights, targets, slots, slot_weight, num_negatives=1000,
-                        logits="dot", temperature=1.0, denominator=None):
-    """hidden [B, L, H], targets [B, L] (0 = no target), weights = item table [V, H];
+                        logits="dot", temperature=1.0, denominator=None, bias=None):
+    """hidden [B, L, H], targets [B, L] (0 = no target), weights = item table [V, H], bias
+    [V] per-item score offsets or None (full and sampled with dot logits only);
     slots [C] / slot_weight [C]: the flat positions holding a target (fixed count C, weight 0
     for the padding slots), see autocdsr.data.batches.target_slots. denominator: the target
     count to normalise by (default: this batch's). With data parallelism the in-batch losses
@@ -105,9 +112,12 @@ def recommendation_loss(kind, hidden, weights, targets, slots, slot_weight, num_
         return inbatch_loss(states, weights, targets, slot_weight, denominator)
     if kind == "inbatch_official":
         return inbatch_official_loss(states, weights, targets, slot_weight, denominator)
+    if bias is not None and (kind.startswith("inbatch") or logits == "cosine"):
+        raise ValueError("an item bias needs the full or sampled loss with dot logits")
     if logits == "cosine":
         states = F.normalize(states, dim=-1) / temperature
         weights = F.normalize(weights, dim=-1)
     if kind == "full":
-        return full_softmax_loss(states, weights, targets, slot_weight, denominator)
-    return sampled_softmax_loss(states, weights, targets, slot_weight, num_negatives, denominator)
+        return full_softmax_loss(states, weights, targets, slot_weight, denominator, bias)
+    return sampled_softmax_loss(states, weights, targets, slot_weight, num_negatives, denominator,
+                                bias)

@@ -67,7 +67,8 @@ def full_histories(data):
 
 @torch.no_grad()
 def user_states(cfg, data, model, seqs, mask_domains, batch_size=256, device="cpu"):
-    """[N, H] float32 prediction states over each row's whole sequence."""
+    """[N, H] float32 prediction states over each row's whole sequence ([N, H + 1] with a
+    trailing 1 when the model has an item bias, which item_vectors carries as a last column)."""
     seqs.targets = np.zeros(len(seqs), dtype=np.int64)
     seqs.target_domains = mask_domains
     states = []
@@ -78,12 +79,20 @@ def user_states(cfg, data, model, seqs, mask_domains, batch_size=256, device="cp
         hidden, _ = model(batch["items"], batch["domains"], batch["seq_lens"])
         states.append(model.prediction_states(hidden, batch["seq_lens"]).float())
     states = torch.cat(states)
-    return F.normalize(states, dim=-1) if uses_cosine(cfg) else states
+    if uses_cosine(cfg):
+        return F.normalize(states, dim=-1)
+    if model.item_biases() is not None:  # [h, 1] . [e, b] = h . e + b: still one dot product
+        states = torch.cat([states, torch.ones_like(states[:, :1])], dim=1)
+    return states
 
 
 def item_vectors(cfg, model):
     weights = model.item_weights()[1:].float().detach()
-    return F.normalize(weights, dim=-1) if uses_cosine(cfg) else weights
+    if uses_cosine(cfg):
+        return F.normalize(weights, dim=-1)
+    if model.item_biases() is not None:
+        weights = torch.cat([weights, model.item_biases()[1:].float().detach()[:, None]], dim=1)
+    return weights
 
 
 def _select_users(seqs, users_file):

@@ -219,7 +219,7 @@ class TrainStep:
             loss_rec = recommendation_loss(self.loss, hidden, model.item_weights(),
                                            batch["targets"], batch["target_slots"],
                                            batch["target_weight"], **self.loss_kwargs,
-                                           denominator=rec_count)
+                                           denominator=rec_count, bias=model.item_biases())
         loss_cd = cross_domain_loss(model.objective_masses(masses), query_mask,  # float32 mass
                                     denominator=cd_count)
         return loss_rec.float(), loss_cd, item_vectors

@@ -63,8 +63,13 @@ def build_model(cfg, data):
     model_cfg = cfg.model.copy()
     if cfg.objective != "autocdsr_plus":
         model_cfg.bottleneck_tokens = 0
-    return Recommender(model_cfg, data.num_items, data.num_domains, cfg.data.max_len,
-                       backend=cfg.attention.backend, mask_domain=cfg.data.mask_domain)
+    model = Recommender(model_cfg, data.num_items, data.num_domains, cfg.data.max_len,
+                        backend=cfg.attention.backend, mask_domain=cfg.data.mask_domain)
+    if cfg.model.item_bias == "log_count":  # start from the training popularity's ranking
+        with torch.no_grad():
+            counts = torch.as_tensor(data.popularity[: data.num_items + 1], dtype=torch.float32)
+            model.item_bias.copy_(torch.log1p(counts))
+    return model
 
 
 def environment_record():

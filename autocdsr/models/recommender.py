@@ -47,6 +47,10 @@ class Recommender(nn.Module):
                                cfg.dropout, backend, num_domains + 1, cfg.bottleneck_tokens,
                                self.bottleneck_layers, self.ib_domain,
                                getattr(cfg, "head_dim", 0), getattr(cfg, "ffn_hidden", 0))
+        # score(item) = h . e_item + b_item: the bias carries what every context shares (how
+        # popular an item is), which a protocol with uniform negatives rewards
+        bias = getattr(cfg, "item_bias", "none")
+        self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if bias != "none" else None
 
     @property
     def causal(self):
@@ -63,6 +67,20 @@ class Recommender(nn.Module):
     def item_weights(self):
         """[num_items + 1, hidden] scoring table (row 0 = padding, never a valid answer)."""
         return self.encoder.item_embedding.weight[: self.num_items + 1]
+
+    def item_biases(self):
+        """[num_items + 1] per-item score offsets, or None (model.item_bias=none)."""
+        return self.item_bias
+
+    def scores(self, states, candidates=None):
+        """Dot-product scores of prediction states [B, H]: [B, num_items + 1] against every
+        item, or [B, n] against candidates [B, n]."""
+        weights, bias = self.item_weights().float(), self.item_biases()
+        if candidates is None:
+            out = states @ weights.T
+            return out if bias is None else out + bias.float()
+        out = torch.einsum("bh,bnh->bn", states, weights[candidates])
+        return out if bias is None else out + bias.float()[candidates]
 
     def mass_layers(self):
         """Indices of the layers whose mass the cross-domain objective acts on: every layer,
