@@ -90,10 +90,9 @@ def test_recommend_excludes_history_and_writes_k_per_user(runs, tmp_path):
     assert proc.returncode == 0 and all(i.startswith("d1_") for i in items)
 
 
-def test_exported_states_reproduce_the_model_scores(runs, tmp_path):
-    checkpoint = str(runs["autocdsr", 1] / "best.pt")
-    assert _cli("export", "--checkpoint", checkpoint, "--out", tmp_path).returncode == 0
-    users, items = np.load(tmp_path / "users.npy"), np.load(tmp_path / "items.npy")
+def _assert_export_reproduces_scores(checkpoint, out):
+    assert _cli("export", "--checkpoint", checkpoint, "--out", out).returncode == 0
+    users, items = np.load(out / "users.npy"), np.load(out / "items.npy")
     cfg, data, model = load_for_serving(checkpoint)
     seqs = full_histories(data)
     seqs.targets = np.ones(len(seqs), dtype=np.int64)
@@ -103,6 +102,19 @@ def test_exported_states_reproduce_the_model_scores(runs, tmp_path):
     with torch.no_grad():
         scores = model_scorer(model)(batch, None)[:, 1:].numpy()
     assert np.allclose(users[rows] @ items.T, scores, atol=1e-4)
+    return users, model
+
+
+def test_exported_states_reproduce_the_model_scores(runs, tmp_path):
+    _assert_export_reproduces_scores(str(runs["autocdsr", 1] / "best.pt"), tmp_path)
+
+
+def test_exported_vectors_with_an_item_bias_reproduce_the_model_scores(tmp_path):
+    """[h, 1] . [e, b]: the bias rides in a last column, retrieval stays one dot product."""
+    train(load_config(None, TINY + ["model.item_bias=log_count", "train.epochs=1",
+                                    f"run_dir={tmp_path}"]))
+    users, model = _assert_export_reproduces_scores(str(tmp_path / "best.pt"), tmp_path / "x")
+    assert model.item_biases() is not None and users.shape[1] == model.item_weights().shape[1] + 1
 
 
 def test_single_domain_run_and_outcome_strata(runs, tmp_path):
