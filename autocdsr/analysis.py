@@ -49,7 +49,7 @@ def domain_pair_mass(model, data, split, max_len, hide_mask_domain=False, max_ro
             model(batch["items"], batch["domains"], batch["seq_lens"])
         finally:
             remove()
-        for layer, (module, (x, domains, seq_lens, causal, nb)) in enumerate(records):
+        for layer, (module, (x, domains, seq_lens, causal, nb, *_)) in enumerate(records):
             b, length, _ = x.shape
             q, k, _ = module.qkv(x).view(b, length, 3, module.heads, -1).permute(2, 0, 3, 1, 4)
             probs, _ = reference_probabilities(q.float(), k.float(), domains, causal=causal,
