@@ -372,17 +372,22 @@ def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
 
 
 def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
-                    causal, num_bottleneck, scale, has_dout=True):
+                    causal, num_bottleneck, scale, has_dout=True, grads=None):
     """Launch preprocess, dK/dV and dQ kernels; return (dq, dk, dv). has_dout=False: the
-    loss does not depend on out (d_out is then not read)."""
+    loss does not depend on out (d_out is then not read). grads: three [B, H, L, D] tensors
+    of one layout (unit stride along D) to write into, e.g. views of a packed gradient;
+    default: new contiguous ones."""
     batch, heads, length, head_dim = q.shape
     dkdv_flags = kernel_flags("dkdv", head_dim, q.dtype, causal, num_bottleneck > 0, has_dout)
     dq_flags = kernel_flags("dq", head_dim, q.dtype, causal, num_bottleneck > 0, has_dout)
     d_out = _prepare(d_out)
     d_mass = d_mass.contiguous().float()
     delta = torch.empty_like(lse)
-    # Gradients are written contiguous, whatever the inputs' layout (autograd accepts that).
-    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    if grads is None:  # contiguous, whatever the inputs' layout (autograd accepts that)
+        grads = tuple(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    dq, dk, dv = grads
+    # the kernels address dK and dV with dQ's strides
+    assert dk.stride() == dq.stride() == dv.stride() and dq.stride(-1) == 1
     rows_grid = (triton.cdiv(length, dq_flags["BLOCK_M"]), batch * heads)
     wrap_triton(_backward_preprocess_kernel)[rows_grid](
         out, d_out, mass, d_mass, delta, *_bhm_strides(out), *_bhm_strides(d_out),
@@ -458,13 +463,93 @@ def _backward(ctx, d_out, _d_lse, d_mass):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The packed variant takes the QKV projection's output as it is, [B, L, 3, H, D], and returns
+# its gradient in that layout: the backward kernels write dQ, dK, dV straight into one
+# [B, L, 3, H, D] buffer, so autograd neither stacks three gradients nor copies them back into
+# the projection's layout.
+
+def unpack_qkv(qkv):
+    """[B, L, 3, H, D] -> q, k, v as [B, H, L, D] views (no copy)."""
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+@triton_op("autocdsr::cross_domain_attention_packed_forward", mutates_args={})
+def _packed_forward_op(qkv: torch.Tensor, domains: torch.Tensor, seq_lens: torch.Tensor,
+                       causal: bool, num_bottleneck: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, mass) of q, k, v = unpack_qkv(qkv)."""
+    return triton_forward(*unpack_qkv(qkv), domains, seq_lens, causal, num_bottleneck, scale)
+
+
+@_packed_forward_op.register_fake
+def _(qkv, domains, seq_lens, causal, num_bottleneck, scale):
+    batch, length, _, heads, head_dim = qkv.shape
+    rows = qkv.new_empty((batch, heads, length), dtype=torch.float32)
+    return qkv.new_empty((batch, heads, length, head_dim)), rows, torch.empty_like(rows)
+
+
+@triton_op("autocdsr::cross_domain_attention_packed_backward", mutates_args={})
+def _packed_backward_op(qkv: torch.Tensor, domains: torch.Tensor, seq_lens: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor,
+                        d_out: torch.Tensor, d_mass: torch.Tensor, causal: bool,
+                        num_bottleneck: int, scale: float, has_dout: bool) -> torch.Tensor:
+    """d qkv, [B, L, 3, H, D]."""
+    d_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    triton_backward(*unpack_qkv(qkv), domains, seq_lens, out, lse, mass, d_out, d_mass,
+                    causal, num_bottleneck, scale, has_dout, grads=unpack_qkv(d_qkv))
+    return d_qkv
+
+
+@_packed_backward_op.register_fake
+def _(qkv, domains, seq_lens, out, lse, mass, d_out, d_mass, causal, num_bottleneck, scale,
+      has_dout):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, domains, seq_lens, causal, num_bottleneck, scale = inputs
+    out, lse, mass = output
+    ctx.save_for_backward(qkv, domains, seq_lens, out, lse, mass)
+    ctx.causal, ctx.num_bottleneck, ctx.scale = causal, num_bottleneck, scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _packed_backward(ctx, d_out, _d_lse, d_mass):
+    qkv, domains, seq_lens, out, lse, mass = ctx.saved_tensors
+    has_dout = d_out is not None  # as in _backward: the L_cd pass has no dO
+    d_mass = torch.zeros_like(mass) if d_mass is None else d_mass
+    d_qkv = _packed_backward_op(qkv, domains, seq_lens, out, lse, mass,
+                                d_out if has_dout else out, d_mass, ctx.causal,
+                                ctx.num_bottleneck, ctx.scale, has_dout)
+    return d_qkv, None, None, None, None, None
+
+
+_packed_forward_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+def _row_inputs(domains, seq_lens, batch, length, device):
+    domains = domains.to(torch.int32).contiguous()
+    if seq_lens is None:  # one code path: "no seq_lens" is "every row is L long"
+        seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    return domains, seq_lens.to(torch.int32).contiguous()
+
+
 def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
                     scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
-    domains = domains.to(torch.int32).contiguous()
-    if seq_lens is None:  # one code path: "no seq_lens" is "every row is L long"
-        seq_lens = torch.full((q.shape[0],), q.shape[2], dtype=torch.int32, device=q.device)
-    seq_lens = seq_lens.to(torch.int32).contiguous()
+    domains, seq_lens = _row_inputs(domains, seq_lens, q.shape[0], q.shape[2], q.device)
     out, _, mass = _forward_op(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
+    return out, mass
+
+
+def fused_attention_packed(qkv, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
+                           scale=None):
+    """fused_attention of unpack_qkv(qkv), qkv [B, L, 3, H, D]; its gradient comes back in
+    qkv's layout, written once by the kernels."""
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
+    qkv = qkv.contiguous()
+    domains, seq_lens = _row_inputs(domains, seq_lens, qkv.shape[0], qkv.shape[1], qkv.device)
+    out, _, mass = _packed_forward_op(qkv, domains, seq_lens, causal, num_bottleneck, scale)
     return out, mass

@@ -6,7 +6,9 @@ Backends (each computes the same out and mass; see cross_domain_attention):
   reference  P materialised (kernels.reference), the test oracle
   auto       triton on CUDA, sdpa elsewhere
 """
-from .attention import fused_attention, triton_available
+import torch
+
+from .attention import fused_attention, fused_attention_packed, triton_available, unpack_qkv
 from .reference import reference_attention
 from .sdpa import sdpa_attention
 from .validation import check_attention_inputs
@@ -39,3 +41,26 @@ def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, 
     extra = {"num_domains": num_domains} if backend == "sdpa" else {}
     return BACKENDS[backend](q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck,
                              seq_lens=seq_lens, scale=scale, **extra)
+
+
+def cross_domain_attention_packed(qkv, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
+                                  scale=None, backend="auto", num_domains=None,
+                                  check_inputs=True):
+    """cross_domain_attention of q, k, v packed as a QKV projection's output [B, L, 3, H, D]
+    (q = qkv[:, :, 0] as [B, H, L, D], and so on). The triton backend returns the gradient in
+    that layout, written once by the kernels; the others compute on the three views."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError("qkv must be a tensor of shape [B, L, 3, H, D], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    q, k, v = unpack_qkv(qkv)
+    if backend == "auto":
+        backend = "triton" if qkv.device.type == "cuda" else "sdpa"
+    if backend != "triton" or not triton_available(qkv.device):
+        return cross_domain_attention(q, k, v, domains, causal=causal,
+                                      num_bottleneck=num_bottleneck, seq_lens=seq_lens,
+                                      scale=scale, backend=backend, num_domains=num_domains,
+                                      check_inputs=check_inputs)
+    if check_inputs:
+        check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
+    return fused_attention_packed(qkv, domains, causal=causal, num_bottleneck=num_bottleneck,
+                                  seq_lens=seq_lens, scale=scale)

@@ -17,10 +17,11 @@ class CrossDomainSelfAttention(nn.Module):
 
     def forward(self, x, domains, seq_lens, causal, num_bottleneck, check_inputs=True):
         batch, length, hidden = x.shape
-        # [B, L, 3, H, D] -> three [B, H, L, D] views (the kernels take these strides as is)
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out, mass = kernels.cross_domain_attention(
-            q, k, v, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
+        # the projection's [B, L, 3, H, D] as it is: the kernels read q, k, v from it and
+        # write its gradient in that layout (no transposes, no stacking of three gradients)
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, -1)
+        out, mass = kernels.cross_domain_attention_packed(
+            qkv, domains, causal=causal, num_bottleneck=num_bottleneck, seq_lens=seq_lens,
             backend=self.backend, num_domains=self.num_domains, check_inputs=check_inputs)
         out = out.transpose(1, 2).reshape(batch, length, self.width)
         return self.dropout(self.proj(out)), mass
