@@ -59,13 +59,14 @@ def _setup(arch, objective, bottleneck, backend="sdpa", batch_size=6, max_len=12
     cfg = ModelConfig(arch=arch, hidden=32, heads=2, layers=2, dropout=0.0,
                       bottleneck_tokens=bottleneck)
     model = Recommender(cfg, data.num_items, data.num_domains, max_len, backend=backend)
-    rows = np.arange(batch_size)
+    return model, _train_batch(arch, data, model, np.arange(batch_size), max_len, seed)
+
+
+def _train_batch(arch, data, model, rows, max_len, seed):
     if arch == "sasrec":
-        batch = sasrec_train_batch(data.train, rows, max_len)
-    else:
-        batch = bert4rec_train_batch(data.train, rows, max_len, model.mask_item, False, 0.3,
-                                     np.random.default_rng(seed))
-    return model, batch
+        return sasrec_train_batch(data.train, rows, max_len)
+    return bert4rec_train_batch(data.train, rows, max_len, model.mask_item, False, 0.3,
+                                np.random.default_rng(seed))
 
 
 def _one_step(model, batch, objective, compile, backend="aot_eager"):
@@ -191,13 +192,16 @@ def test_graph_captured_step_is_refused_without_cuda():
                   objective="autocdsr", cuda_graph=True)
 
 
-def _batches(case, count):
-    """`count` different GPU batches of one shape (other users, other masking)."""
+def _batches(case, count, batch_size=8, max_len=16):
+    """`count` different GPU batches of one shape and one vocabulary (the users and the
+    masking change; the data and the model's token ids are those of _gpu_case)."""
     arch, objective, bottleneck = CASES[case]
+    data = build_leave_one_out(generate(40, min_len=10, max_len=20, seed=0), "s")
+    model, _ = _setup(arch, objective, bottleneck, batch_size=batch_size, max_len=max_len)
     out = []
-    for seed in range(count):
-        model, batch = _setup(arch, objective, bottleneck, backend="triton", batch_size=8,
-                              max_len=16, seed=seed)
+    for i in range(count):
+        rows = (np.arange(batch_size) + i * batch_size) % len(data.train)
+        batch = _train_batch(arch, data, model, rows, max_len, seed=i)
         out.append({k: v.cuda() for k, v in batch.items()})
     return out
 
