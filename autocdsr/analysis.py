@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kernels import WILDCARD_DOMAIN
+from kernels.attention import unpack_qkv
 from kernels.reference import reference_probabilities
 
 from .data.batches import eval_batch, to_device
@@ -51,7 +52,7 @@ def domain_pair_mass(model, data, split, max_len, hide_mask_domain=False, max_ro
             remove()
         for layer, (module, (x, domains, seq_lens, causal, nb, *_)) in enumerate(records):
             b, length, _ = x.shape
-            q, k, _ = module.qkv(x).view(b, length, 3, module.heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, _ = unpack_qkv(module.qkv(x).view(b, length, 3, module.heads, -1))
             probs, _ = reference_probabilities(q.float(), k.float(), domains, causal=causal,
                                                num_bottleneck=nb, seq_lens=seq_lens)
             labels = _labels(domains, num_domains)
