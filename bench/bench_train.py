@@ -21,7 +21,7 @@ from autocdsr.data.batches import cloze_capacity, target_slots
 from autocdsr.models import Recommender
 from autocdsr.step import TrainStep, make_optimizer
 from bench.report import device_name, save
-from bench.timing import quantiles, wall_times_ms
+from bench.timing import interleaved_wall_times_ms, quantiles
 from kernels import reference_pareto as host_solver
 
 FULL = dict(batch=128, length=200, items=20000, hidden=64, heads=2, layers=2, steps=20)
@@ -119,33 +119,50 @@ def case_step(arch, objective, size, device, backend, loss_kind="full", mode="ea
     return step_fn(model, make_batch(arch, size, device), objective, loss_kind, mode)
 
 
-def measure(step, device, steps):
-    """(median, p20, p80) ms per step and peak MiB (CUDA) over `steps` timed steps."""
-    if device.type == "cuda":
+def warm_up(step, device, warmup=2):
+    """Run `step` `warmup` times; return the peak MiB it needs on CUDA beyond what was allocated
+    before it (its model, optimizer state and working memory; other cases' resident memory is
+    left out), None elsewhere. Call it right after building the step."""
+    if device.type != "cuda":
+        for _ in range(warmup):
+            step()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
         step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = wall_times_ms(step, device, warmup=2, reps=steps)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return (*quantiles(times), peak)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def run(device, size, backends, loss_kind="full", cases=None, modes=("eager",), log=print):
+    """One row per (backend, mode, case). The cases of one (backend, mode) are all built first
+    and then timed in interleaved rounds, so the ratios to base compare steps timed under the
+    same conditions."""
     rows = []
     cases = cases or DEFAULT_CASES
     for backend in backends:
         for mode in modes:
-            for arch, objective in cases:
-                if objective == "paper_autocdsr" and mode != "eager":
-                    continue  # the official procedure reads values on the host: eager only
-                if mode == "graph" and device.type != "cuda":
-                    continue
+            if mode == "graph" and device.type != "cuda":
+                continue
+            # the official procedure reads values on the host: eager only
+            group = [(arch, objective) for arch, objective in cases
+                     if objective != "paper_autocdsr" or mode == "eager"]
+            steps, peaks = [], []
+            for arch, objective in group:
+                resident = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else 0
                 step = case_step(arch, objective, size, device, backend, loss_kind, mode)
-                median, p20, p80, peak = measure(step, device, size["steps"])
+                peak = warm_up(step, device)
+                steps.append(step)
+                peaks.append(peak - resident if peak is not None else None)
+            for (arch, objective), times, peak in zip(
+                    group, interleaved_wall_times_ms(steps, device, size["steps"]), peaks):
+                median, p20, p80 = quantiles(times)
                 row = {"backend": backend, "mode": mode, "arch": arch, "objective": objective,
                        "ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mib": peak}
                 rows.append(row)
                 log(json.dumps(row))
+            del steps
     base = {(r["backend"], r["mode"], r["arch"]): r["ms_median"]
             for r in rows if r["objective"] == "base"}
     for r in rows:
@@ -154,13 +171,28 @@ def run(device, size, backends, loss_kind="full", cases=None, modes=("eager",), 
     return rows
 
 
+def amortised(rows, every=10):
+    """(backend, mode, arch, objective, ratio) of a step under weighting.every=`every`: one
+    solver step and every - 1 lambda-reuse steps, (solve + (every - 1) reuse) / every, as a
+    ratio to base; for each objective timed both ways."""
+    ms = {(r["backend"], r["mode"], r["arch"], r["objective"]): r["ms_median"] for r in rows}
+    out = []
+    for (backend, mode, arch, objective), reuse in ms.items():
+        solve = ms.get((backend, mode, arch, objective.removesuffix("_reuse")))
+        base = ms.get((backend, mode, arch, "base"))
+        if objective.endswith("_reuse") and solve and base:
+            out.append((backend, mode, arch, objective.removesuffix("_reuse"),
+                        (solve + (every - 1) * reuse) / every / base))
+    return out
+
+
 def markdown(rows, device_name, size, loss_kind):
     shape = f"batch {size['batch']} x L {size['length']}, {size['items']} items, hidden " \
             f"{size['hidden']}, {size['heads']} heads" + \
             (f" of width {size['head_dim']}" if size.get("head_dim") else "") + \
             f", {size['layers']} layers, {loss_kind} loss"
-    lines = [f"Device: {device_name}. {shape}; ms per optimizer step (median [p20, p80]); "
-             "ratio = vs the base model with the same arch, backend and mode.", "",
+    lines = [f"Device: {device_name}. {shape}; ms per optimizer step (median [p20, p80], the "
+             "cases of one backend and mode timed in interleaved rounds); ratio = vs the base model with the same arch, backend and mode.", "",
              "| backend | mode | arch | objective | ms / step | peak MiB | ratio to base |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -169,6 +201,10 @@ def markdown(rows, device_name, size, loss_kind):
         lines.append(f"| {r['backend']} | {r['mode']} | {r['arch']} | {r['objective']} | "
                      f"{r['ms_median']:.2f} [{r['ms_p20']:.2f}, {r['ms_p80']:.2f}] | {peak} | "
                      f"{ratio} |")
+    spread = amortised(rows)
+    if spread:
+        lines += ["", "Amortised over weighting.every = 10 (one solver step, nine reuse steps): " +
+                  "; ".join(f"{b} {m} {a} {o} {x:.2f}x" for b, m, a, o, x in spread) + "."]
     return "\n".join(lines)
 
 
