@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import tiles
 from .masks import WILDCARD_DOMAIN
 
 WILDCARD = tl.constexpr(WILDCARD_DOMAIN)
@@ -30,13 +31,17 @@ def triton_available(device):
 
 @triton.jit
 def _pair_masks(q_pos, k_pos, dom_q, dom_k, seq_len, num_bottleneck,
-                CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr):
+                CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr, BOUNDARY: tl.constexpr):
     """(allowed, cross) for a tile. The four position/domain arguments come pre-broadcast
     ([M, 1] and [1, N] for a query-major tile, [1, M] and [N, 1] for a key-major one), so one
-    rule serves both. Out-of-range positions carry domain -1."""
-    allowed = (dom_q >= 0) & (q_pos < seq_len) & (dom_k >= 0) & (k_pos < seq_len)
-    if CAUSAL:
-        allowed = allowed & (k_pos <= q_pos)
+    rule serves both. Out-of-range positions carry domain -1. BOUNDARY=False is an interior
+    tile: every position lies inside the valid prefix and, when causal, every key at or before
+    every query, so only the domains are compared."""
+    allowed = (dom_q >= 0) & (dom_k >= 0)
+    if BOUNDARY:
+        allowed = allowed & (q_pos < seq_len) & (k_pos < seq_len)
+        if CAUSAL:
+            allowed = allowed & (k_pos <= q_pos)
     # A wildcard (hidden-domain [MASK]) token matches every domain.
     same = (dom_q == dom_k) | (dom_q == WILDCARD) | (dom_k == WILDCARD)
     if BOTTLENECK:
@@ -50,6 +55,77 @@ def _pair_masks(q_pos, k_pos, dom_q, dom_k, seq_len, num_bottleneck,
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, D] tile: masked only along what can run out (rows past the tensor in a boundary
+    tile, columns past head_dim when BLOCK_D > head_dim), zeros there."""
+    if ROW_MASK:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _load_rows(ptrs, rows_ok, other, ROW_MASK: tl.constexpr):
+    """A per-row vector (domains, LSE, Delta, g), masked only in a boundary tile."""
+    if ROW_MASK:
+        x = tl.load(ptrs, mask=rows_ok, other=other)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _forward_tile(acc, m_i, l_i, mass_i, q, dom_q, offs_m, start_n, K, V, DOM,
+                  stride_kn, stride_vn, offs_d, d_ok, length, seq_len, num_bottleneck, scale_log2,
+                  CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BOUNDARY: tl.constexpr):
+    """One key tile of the online softmax (K, V, DOM already offset to this batch/head)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < length
+    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, BOUNDARY, EVEN_D)
+    v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, BOUNDARY, EVEN_D)
+    dom_k = _load_rows(DOM + offs_n, n_ok, -1, BOUNDARY)
+    allowed, cross = _pair_masks(offs_m[:, None], offs_n[None, :], dom_q[:, None],
+                                 dom_k[None, :], seq_len, num_bottleneck, CAUSAL, BOTTLENECK,
+                                 BOUNDARY)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    mass_i = mass_i * alpha + tl.sum(tl.where(cross, p, 0.0), axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i, mass_i
+
+
+@triton.jit
+def _query_major_split(start_m, seq_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, INTERIOR: tl.constexpr):
+    """(mid, hi) for a query tile: key tiles [0, mid) are interior, [mid, hi) boundary
+    (INTERIOR=False: all boundary). Key tiles past the valid prefix, or above the diagonal
+    when causal, are never visited."""
+    hi = seq_len
+    mid = (seq_len // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+        mid = tl.minimum(mid, ((start_m + 1) // BLOCK_N) * BLOCK_N)  # keys <= the first query
+    if start_m >= seq_len:
+        hi = 0
+    if not INTERIOR:
+        mid = 0
+    return tl.minimum(mid, hi), hi
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, DOM, SEQ_LENS, OUT, LSE, MASS,
     stride_qb, stride_qh, stride_qm,
@@ -59,8 +135,8 @@ def _forward_kernel(
     stride_db,
     num_heads, length, head_dim, num_bottleneck, scale_log2,
     CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    INTERIOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # b * stride_b can pass 2^31 elements
@@ -72,49 +148,37 @@ def _forward_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < length) & d_ok[None, :], other=0.0)
-    dom_q = tl.load(DOM + b * stride_db + offs_m, mask=offs_m < length, other=-1)
+    row_ok = offs_m < length
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   row_ok, d_ok, True, EVEN_D)
+    # queries past the prefix get domain -1 here, so interior tiles need no position test
+    dom_q = tl.load(DOM + b * stride_db + offs_m, mask=offs_m < seq_len, other=-1)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DOM += b * stride_db
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     mass_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    # Key tiles past the valid prefix, or above the diagonal when causal, are never loaded.
-    hi = seq_len
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-    if start_m >= seq_len:
-        hi = 0
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < length
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        dom_k = tl.load(DOM + b * stride_db + offs_n, mask=n_ok, other=-1)
-        allowed, cross = _pair_masks(offs_m[:, None], offs_n[None, :], dom_q[:, None],
-                                    dom_k[None, :], seq_len, num_bottleneck, CAUSAL, BOTTLENECK)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        mass_i = mass_i * alpha + tl.sum(tl.where(cross, p, 0.0), axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    mid, hi = _query_major_split(start_m, seq_len, CAUSAL, BLOCK_M, BLOCK_N, INTERIOR)
+    for start_n in range(0, mid, BLOCK_N):
+        acc, m_i, l_i, mass_i = _forward_tile(
+            acc, m_i, l_i, mass_i, q, dom_q, offs_m, start_n, K, V, DOM, stride_kn, stride_vn,
+            offs_d, d_ok, length, seq_len, num_bottleneck, scale_log2,
+            CAUSAL, BOTTLENECK, BLOCK_N, EVEN_D, DOT_PRECISION, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        acc, m_i, l_i, mass_i = _forward_tile(
+            acc, m_i, l_i, mass_i, q, dom_q, offs_m, start_n, K, V, DOM, stride_kn, stride_vn,
+            offs_d, d_ok, length, seq_len, num_bottleneck, scale_log2,
+            CAUSAL, BOTTLENECK, BLOCK_N, EVEN_D, DOT_PRECISION, True)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
-    row_ok = offs_m < length
+    out_mask = row_ok[:, None] & (d_ok[None, :] | EVEN_D)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+             out.to(OUT.dtype.element_ty), mask=out_mask)
     row = pid_bh * length + offs_m
     tl.store(MASS + row, mass_i / l_safe, mask=row_ok)
     # LSE in log2 units of the scaled scores; +inf for rows with no key makes P = 0 there.
@@ -127,7 +191,7 @@ def _backward_preprocess_kernel(
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     num_heads, length, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_DOUT: tl.constexpr,
 ):
     """DELTA_i = rowsum(dO_i * O_i) + g_i * mass_i: the only per-row term the mass adds.
     Without dO (a loss of the mass alone, the L_cd pass) DELTA_i = g_i * mass_i."""
@@ -137,19 +201,52 @@ def _backward_preprocess_kernel(
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < length) & (offs_d[None, :] < head_dim)
+    d_ok = offs_d < head_dim
     row = pid_bh * length + offs_m
     row_ok = offs_m < length
     mass = tl.load(MASS + row, mask=row_ok, other=0.0)
     g = tl.load(DMASS + row, mask=row_ok, other=0.0)
     delta = g * mass
     if HAS_DOUT:
-        o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
+        o = _load_tile(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                       + offs_d[None, :], row_ok, d_ok, True, EVEN_D).to(tl.float32)
+        do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                        + offs_d[None, :], row_ok, d_ok, True, EVEN_D).to(tl.float32)
         delta += tl.sum(o * do, axis=1)
     tl.store(DELTA + row, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, dom_k, offs_n, start_m, Q, DOUT, DOM, LSE, DELTA, DMASS,
+               stride_qm, stride_dom, row_base, offs_d, d_ok, length, seq_len, num_bottleneck,
+               scale_log2, CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr, BLOCK_M: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
+               BOUNDARY: tl.constexpr):
+    """One query tile's contribution to a key tile's dK, dV (Q, DOUT, DOM offset to this
+    batch/head; row_base the first row of this batch/head in LSE, DELTA, DMASS)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < length
+    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, BOUNDARY, EVEN_D)
+    dom_q = _load_rows(DOM + offs_m, m_ok, -1, BOUNDARY)
+    row = row_base + offs_m
+    lse = _load_rows(LSE + row, m_ok, float("inf"), BOUNDARY)
+    delta = _load_rows(DELTA + row, m_ok, 0.0, BOUNDARY)
+    g = _load_rows(DMASS + row, m_ok, 0.0, BOUNDARY)
+    # Key-major tiles ([N, M]) so dV += P^T dO and dK += dS^T Q need no transposed tile.
+    allowed_t, cross_t = _pair_masks(offs_m[None, :], offs_n[:, None], dom_q[None, :],
+                                     dom_k[:, None], seq_len, num_bottleneck,
+                                     CAUSAL, BOTTLENECK, BOUNDARY)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+    p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
+    ds_t = tl.where(cross_t, g[None, :], 0.0) - delta[None, :]
+    if HAS_DOUT:
+        do = _load_tile(DOUT + offs_m[:, None] * stride_dom + offs_d[None, :], m_ok, d_ok,
+                        BOUNDARY, EVEN_D)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t += tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * ds_t
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -163,8 +260,8 @@ def _backward_dkdv_kernel(
     stride_gb, stride_gh, stride_gm,
     num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
     CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    INTERIOR: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
 ):
     """One key tile per program; loops over the query tiles that can see it. Without dO
     (the L_cd pass) dV is 0 and dS = P (g c - g mass): two of the four matmuls go."""
@@ -179,51 +276,82 @@ def _backward_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     n_ok = offs_n < length
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    dom_k = tl.load(DOM + b * stride_db + offs_n, mask=n_ok, other=-1)
+    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   n_ok, d_ok, True, EVEN_D)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                   n_ok, d_ok, True, EVEN_D)
+    # keys past the prefix get domain -1 here, so interior tiles need no position test
+    dom_k = tl.load(DOM + b * stride_db + offs_n, mask=offs_n < seq_len, other=-1)
+    Q += b * stride_qb + h * stride_qh
+    DOUT += b * stride_dob + h * stride_doh
+    DOM += b * stride_db
+    row_base = pid_bh * length
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
+    # Query tiles [lo, hi) can see this key tile (earlier ones cannot when causal); those in
+    # [first_full, last_full) are interior: inside the prefix and, causal, all at or after
+    # every key of the tile.
     lo = 0
+    first_full = 0
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M  # earlier queries cannot see this key tile
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        first_full = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
     hi = seq_len
     if start_n >= seq_len:
         hi = 0
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < length
-        qo_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=qo_mask, other=0.0)
-        dom_q = tl.load(DOM + b * stride_db + offs_m, mask=m_ok, other=-1)
-        row = pid_bh * length + offs_m
-        lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
-        g = tl.load(DMASS + row, mask=m_ok, other=0.0)
-        # Key-major tiles ([N, M]) so dV += P^T dO and dK += dS^T Q need no transposed tile.
-        allowed_t, cross_t = _pair_masks(offs_m[None, :], offs_n[:, None], dom_q[None, :],
-                                         dom_k[:, None], seq_len, num_bottleneck,
-                                         CAUSAL, BOTTLENECK)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-        p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        ds_t = tl.where(cross_t, g[None, :], 0.0) - delta[None, :]
-        if HAS_DOUT:
-            do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                         + offs_d[None, :], mask=qo_mask, other=0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            ds_t += tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * ds_t
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    first_full = tl.minimum(first_full, tl.cdiv(hi, BLOCK_M) * BLOCK_M)
+    last_full = tl.maximum(first_full, (hi // BLOCK_M) * BLOCK_M)
+    if not INTERIOR:  # every tile a boundary tile (through the first loop)
+        first_full = tl.cdiv(hi, BLOCK_M) * BLOCK_M
+        last_full = first_full
+    for start_m in range(lo, first_full, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, dom_k, offs_n, start_m, Q, DOUT, DOM, LSE, DELTA,
+                            DMASS, stride_qm, stride_dom, row_base, offs_d, d_ok, length,
+                            seq_len, num_bottleneck, scale_log2, CAUSAL, BOTTLENECK, BLOCK_M,
+                            EVEN_D, DOT_PRECISION, HAS_DOUT, True)
+    for start_m in range(first_full, last_full, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, dom_k, offs_n, start_m, Q, DOUT, DOM, LSE, DELTA,
+                            DMASS, stride_qm, stride_dom, row_base, offs_d, d_ok, length,
+                            seq_len, num_bottleneck, scale_log2, CAUSAL, BOTTLENECK, BLOCK_M,
+                            EVEN_D, DOT_PRECISION, HAS_DOUT, False)
+    for start_m in range(last_full, hi, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, dom_k, offs_n, start_m, Q, DOUT, DOM, LSE, DELTA,
+                            DMASS, stride_qm, stride_dom, row_base, offs_d, d_ok, length,
+                            seq_len, num_bottleneck, scale_log2, CAUSAL, BOTTLENECK, BLOCK_M,
+                            EVEN_D, DOT_PRECISION, HAS_DOUT, True)
 
-    # dK and dV are fresh contiguous [B, H, L, D] tensors (stride_g*), whatever k and v's layout.
+    # dK and dV share dQ's layout (stride_g*), whatever k and v's layout.
     grad_offsets = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gm + offs_d[None, :]
+    kv_mask = n_ok[:, None] & (d_ok[None, :] | EVEN_D)
     tl.store(DK + grad_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, dom_q, lse, delta, g, offs_m, start_n, K, V, DOM, stride_kn, stride_vn,
+             offs_d, d_ok, length, seq_len, num_bottleneck, scale_log2,
+             CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr, BLOCK_N: tl.constexpr,
+             EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
+             BOUNDARY: tl.constexpr):
+    """One key tile's contribution to a query tile's dQ (K, V, DOM offset to this batch/head)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < length
+    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, d_ok, BOUNDARY, EVEN_D)
+    dom_k = _load_rows(DOM + offs_n, n_ok, -1, BOUNDARY)
+    allowed, cross = _pair_masks(offs_m[:, None], offs_n[None, :], dom_q[:, None],
+                                 dom_k[None, :], seq_len, num_bottleneck, CAUSAL, BOTTLENECK,
+                                 BOUNDARY)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+    ds = tl.where(cross, g[:, None], 0.0) - delta[:, None]
+    if HAS_DOUT:
+        v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, BOUNDARY,
+                       EVEN_D)
+        ds += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * ds
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -237,8 +365,8 @@ def _backward_dq_kernel(
     stride_gb, stride_gh, stride_gm,
     num_heads, length, head_dim, num_bottleneck, scale, scale_log2,
     CAUSAL: tl.constexpr, BOTTLENECK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    INTERIOR: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DOUT: tl.constexpr,
 ):
     """One query tile per program; loops over the key tiles it can see."""
     pid_m = tl.program_id(0)
@@ -252,80 +380,39 @@ def _backward_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     m_ok = offs_m < length
-    qo_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=qo_mask, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   m_ok, d_ok, True, EVEN_D)
+    do = q  # unused without dO
     if HAS_DOUT:
-        do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                     + offs_d[None, :], mask=qo_mask, other=0.0)
-    dom_q = tl.load(DOM + b * stride_db + offs_m, mask=m_ok, other=-1)
+        do = _load_tile(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                        + offs_d[None, :], m_ok, d_ok, True, EVEN_D)
+    # queries past the prefix get domain -1 here, so interior tiles need no position test
+    dom_q = tl.load(DOM + b * stride_db + offs_m, mask=offs_m < seq_len, other=-1)
     row = pid_bh * length + offs_m
     lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     g = tl.load(DMASS + row, mask=m_ok, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DOM += b * stride_db
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    hi = seq_len
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-    if start_m >= seq_len:
-        hi = 0
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < length
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        dom_k = tl.load(DOM + b * stride_db + offs_n, mask=n_ok, other=-1)
-        allowed, cross = _pair_masks(offs_m[:, None], offs_n[None, :], dom_q[:, None],
-                                    dom_k[None, :], seq_len, num_bottleneck, CAUSAL, BOTTLENECK)
+    mid, hi = _query_major_split(start_m, seq_len, CAUSAL, BLOCK_M, BLOCK_N, INTERIOR)
+    for start_n in range(0, mid, BLOCK_N):
+        dq = _dq_tile(dq, q, do, dom_q, lse, delta, g, offs_m, start_n, K, V, DOM, stride_kn,
+                      stride_vn, offs_d, d_ok, length, seq_len, num_bottleneck, scale_log2,
+                      CAUSAL, BOTTLENECK, BLOCK_N, EVEN_D, DOT_PRECISION, HAS_DOUT, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, dom_q, lse, delta, g, offs_m, start_n, K, V, DOM, stride_kn,
+                      stride_vn, offs_d, d_ok, length, seq_len, num_bottleneck, scale_log2,
+                      CAUSAL, BOTTLENECK, BLOCK_N, EVEN_D, DOT_PRECISION, HAS_DOUT, True)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        ds = tl.where(cross, g[:, None], 0.0) - delta[:, None]
-        if HAS_DOUT:
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            ds += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * ds
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
+    dq_mask = m_ok[:, None] & (d_ok[None, :] | EVEN_D)
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=qo_mask)
+             (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 
 # ----------------------------------------------------------------------------- host side
-
-def block_config(kernel, head_dim, dtype):
-    """Tile sizes and launch settings per kernel ("forward", "dkdv", "dq"), chosen for short
-    sequences (L 50..800) and D 16..128 so that no variant spills registers on sm_80/sm_90.
-
-    kernel_flags() calls this for every launch and kernels.compile_check enumerates it, so
-    every configuration dispatch can select is compiled and inspected in CI.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    fp32 = dtype == torch.float32
-    # fp32 runs exact (IEEE) dots on the FMA units, whose operands live in registers: smaller
-    # tiles, shrinking further as D grows.
-    if kernel == "forward":  # one [M, N] score tile live, acc [M, D]
-        if fp32:
-            block_m, block_n = (32, 32) if block_d <= 32 else (16, 16)
-        else:
-            block_m, block_n = 64, 64 if block_d <= 64 else 32
-    elif kernel == "dkdv":  # dk, dv [N, D] accumulators plus s, p, dp, ds [M, N] live
-        if fp32:
-            block_m, block_n = 16, 16
-        else:
-            block_m, block_n = 32, 64 if block_d <= 32 else 32
-    else:  # "dq": dq [M, D] plus s, p, dp, ds [M, N] live
-        if fp32:
-            block_m, block_n = (32, 16) if block_d <= 32 else (16, 16)
-        else:
-            block_m, block_n = 64, 32
-    # fp32 tiles are tiny and register-bound: no software pipelining for them.
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-            "num_warps": 4, "num_stages": 1 if fp32 else 2}
-
 
 def dot_precision(dtype):
     # fp32 inputs must not silently drop to TF32: the fp32 oracle would then be 1e-3 away.
@@ -342,12 +429,13 @@ def _bhm_strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def kernel_flags(kernel, head_dim, dtype, causal, bottleneck, has_dout=True):
+def kernel_flags(kernel, head_dim, dtype, causal, bottleneck, length, has_dout=True):
     """The constexpr arguments and launch options of one attention kernel for one call
-    (has_dout: the backward kernels' dO-free variant when False)."""
-    cfg = block_config(kernel, head_dim, dtype)
+    (has_dout: the backward kernels' dO-free variant when False); tiles from kernels.tiles."""
+    cfg = tiles.config(kernel, head_dim, dtype, length)
     flags = dict(CAUSAL=causal, BOTTLENECK=bottleneck,
                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                 EVEN_D=cfg["BLOCK_D"] == head_dim, INTERIOR=cfg["INTERIOR"],
                  DOT_PRECISION=dot_precision(dtype),
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if kernel != "forward":
@@ -358,7 +446,7 @@ def kernel_flags(kernel, head_dim, dtype, causal, bottleneck, has_dout=True):
 def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
     """Launch the forward kernel; return (out, lse, mass). seq_lens is int32 [B]."""
     batch, heads, length, head_dim = q.shape
-    flags = kernel_flags("forward", head_dim, q.dtype, causal, num_bottleneck > 0)
+    flags = kernel_flags("forward", head_dim, q.dtype, causal, num_bottleneck > 0, length)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
     mass = torch.empty_like(lse)
@@ -378,8 +466,10 @@ def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
     of one layout (unit stride along D) to write into, e.g. views of a packed gradient;
     default: new contiguous ones."""
     batch, heads, length, head_dim = q.shape
-    dkdv_flags = kernel_flags("dkdv", head_dim, q.dtype, causal, num_bottleneck > 0, has_dout)
-    dq_flags = kernel_flags("dq", head_dim, q.dtype, causal, num_bottleneck > 0, has_dout)
+    dkdv_flags = kernel_flags("dkdv", head_dim, q.dtype, causal, num_bottleneck > 0, length,
+                              has_dout)
+    dq_flags = kernel_flags("dq", head_dim, q.dtype, causal, num_bottleneck > 0, length,
+                            has_dout)
     d_out = _prepare(d_out)
     d_mass = d_mass.contiguous().float()
     delta = torch.empty_like(lse)
@@ -392,7 +482,7 @@ def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
     wrap_triton(_backward_preprocess_kernel)[rows_grid](
         out, d_out, mass, d_mass, delta, *_bhm_strides(out), *_bhm_strides(d_out),
         heads, length, head_dim, BLOCK_M=dq_flags["BLOCK_M"], BLOCK_D=dq_flags["BLOCK_D"],
-        HAS_DOUT=has_dout, num_warps=dq_flags["num_warps"], num_stages=1)
+        EVEN_D=dq_flags["EVEN_D"], HAS_DOUT=has_dout, num_warps=dq_flags["num_warps"], num_stages=1)
     common = (*_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(d_out),
               domains.stride(0), *_bhm_strides(dq), heads, length, head_dim, num_bottleneck,
               scale, scale * math.log2(math.e))

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of every kernel variant dispatch can select, for sm_80 / sm_90,
+"""Ahead-of-time compile of every kernel variant dispatch can select (every kernel, precision,
+head dim and length bucket of kernels.tiles), for sm_80 / sm_90,
 without a GPU: reports shared memory (from Triton's metadata) and registers / spilled bytes
 (from the cubin Triton built, via cuobjdump -res-usage). Run as
 `python -m kernels.compile_check --arch 80 90`.
@@ -7,6 +8,7 @@ Must run without TRITON_INTERPRET (the interpreter replaces the jitted kernels).
 """
 import argparse
 import concurrent.futures
+import functools
 import itertools
 import json
 import os
@@ -20,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention
+from . import attention, tiles
 
 # Opt-in shared memory per block (bytes) by compute capability.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -44,6 +46,18 @@ def _signature(kernel, pointer_types, constexprs):
     return signature
 
 
+def _per_bucket(name, settings_of):
+    """(name, settings) once per distinct configuration over the length buckets: the first
+    bucket's under `name`, any other under name + "/L<=bound" (a TUNED entry)."""
+    seen = []
+    for bound in tiles.LENGTH_BUCKETS:
+        settings = settings_of(bound)
+        if settings in seen:
+            continue
+        seen.append(settings)
+        yield (name if len(seen) == 1 else f"{name}/L<={bound}"), settings
+
+
 def variants():
     """Yield (name, kernel, pointer types, constexprs, num_warps, num_stages)."""
     for dtype, head_dim in itertools.product(DTYPES, HEAD_DIMS):
@@ -51,12 +65,15 @@ def variants():
         tensors = {n: t for n in ("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ")}
         tensors.update({n: "fp32" for n in ("LSE", "MASS", "DMASS", "DELTA")})
         tensors.update({"DOM": "i32", "SEQ_LENS": "i32"})
-        cfg = attention.block_config("dq", head_dim, dtype)  # the preprocess uses dq's rows
         for has_dout in (True, False):
-            yield (f"preprocess/{t}/d{head_dim}" + ("" if has_dout else "/no-dout"),
-                   attention._backward_preprocess_kernel, tensors,
-                   {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "HAS_DOUT": has_dout},
-                   cfg["num_warps"], 1)
+            def preprocess(bound):  # the preprocess runs on dq's rows
+                cfg = tiles.config("dq", head_dim, dtype, bound)
+                return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"],
+                        "EVEN_D": cfg["BLOCK_D"] == head_dim, "HAS_DOUT": has_dout}
+            base = f"preprocess/{t}/d{head_dim}" + ("" if has_dout else "/no-dout")
+            for name, constexprs in _per_bucket(base, preprocess):
+                yield (name, attention._backward_preprocess_kernel, tensors, constexprs,
+                       tiles.config("dq", head_dim, dtype, 1)["num_warps"], 1)
         for causal, bottleneck in itertools.product((False, True), (False, True)):
             mode = ("causal" if causal else "bidir") + ("+ib" if bottleneck else "")
             for label, kernel in (("forward", attention._forward_kernel),
@@ -64,11 +81,13 @@ def variants():
                                   ("dq", attention._backward_dq_kernel)):
                 # the backward kernels also come without dO (a loss of the mass alone)
                 for has_dout in ((True,) if label == "forward" else (True, False)):
-                    flags = attention.kernel_flags(label, head_dim, dtype, causal, bottleneck,
-                                                   has_dout)
-                    warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
-                    name = f"{label}/{t}/d{head_dim}/{mode}" + ("" if has_dout else "/no-dout")
-                    yield name, kernel, tensors, flags, warps, stages
+                    base = f"{label}/{t}/d{head_dim}/{mode}" + ("" if has_dout else "/no-dout")
+                    flags_of = functools.partial(attention.kernel_flags, label, head_dim, dtype,
+                                                 causal, bottleneck, has_dout=has_dout)
+                    for name, flags in _per_bucket(base, flags_of):
+                        flags = dict(flags)
+                        warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
+                        yield name, kernel, tensors, flags, warps, stages
 
 
 def resource_usage(cubin):

@@ -9,15 +9,32 @@ import sys
 import pytest
 import torch
 
-from kernels import attention
+from kernels import compile_check, tiles
 
 
 def test_dispatch_only_selects_compiled_tile_widths():
     """Any head dim in 16..128 maps onto one of the four compiled BLOCK_D values."""
     for head_dim in range(16, 129):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for kernel in ("forward", "dkdv", "dq"):
-                assert attention.block_config(kernel, head_dim, dtype)["BLOCK_D"] in (16, 32, 64, 128)
+            for kernel in tiles.KERNELS:
+                for length in (1, 50, 800, 5000):
+                    cfg = tiles.config(kernel, head_dim, dtype, length)
+                    assert cfg["BLOCK_D"] in (16, 32, 64, 128)
+
+
+def test_a_tuned_length_bucket_is_compiled_too():
+    """A measured entry for one length bucket adds that bucket's variants to the compile check
+    (beside the rule's), and dispatch uses it for lengths in that bucket only."""
+    key = ("forward", "half", 32, 1024)
+    with tiles.trying({key: {"BLOCK_M": 128, "num_warps": 8}}):
+        names = [v[0] for v in compile_check.variants()]
+        assert tiles.config("forward", 32, torch.bfloat16, 800)["BLOCK_M"] == 128
+        assert tiles.config("forward", 32, torch.bfloat16, 200)["BLOCK_M"] == 64
+        assert tiles.config("forward", 32, torch.float32, 800)["BLOCK_M"] == 32
+    assert "forward/bf16/d32/bidir/L<=1024" in names and "forward/bf16/d32/bidir" in names
+    assert "forward/bf16/d16/bidir/L<=1024" not in names and "dq/bf16/d32/bidir/L<=1024" not in names
+    assert not tiles.TUNED  # restored
+    assert tiles.config("forward", 32, torch.bfloat16, 800)["BLOCK_M"] == 64
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import tiles
 from kernels.attention import triton_available
 from kernels.reference import reference_attention
 
@@ -38,9 +39,21 @@ def _compare(dtype, head_dim, length, mode, batch=3, heads=2, use_out=True, use_
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("length", [1, 17, 70])
+@pytest.mark.parametrize("length", [1, 17, 64, 70])
 def test_modes_and_odd_lengths_fp32(mode, length):
+    """64 is a multiple of every fp32 tile (full rows are interior tiles only); 70 mixes
+    interior tiles with a boundary tile and a causal diagonal."""
     _compare(torch.float32, 16, length, mode)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_tile_through_the_boundary_path(mode):
+    """INTERIOR=False (a tuning option): the same results with no interior fast path."""
+    entries = {(kernel, "fp32", 16, tiles.length_bucket(70)): {"INTERIOR": False}
+               for kernel in tiles.KERNELS}
+    with tiles.trying(entries):
+        assert not tiles.config("dq", 16, torch.float32, 70)["INTERIOR"]
+        _compare(torch.float32, 16, 70, mode)
 
 
 @pytest.mark.parametrize("head_dim", [16, 24, 32, 64, 128])
@@ -49,8 +62,10 @@ def test_head_dims_fp32(head_dim):
 
 
 @pytest.mark.parametrize("mode", ["bidir", "causal", "bottleneck"])
-def test_fp16(mode):
-    _compare(torch.float16, 32, 37, mode)
+@pytest.mark.parametrize("length", [37, 150])
+def test_fp16(mode, length):
+    """fp16 tiles are 32..64 wide: only at 150 do rows have interior and boundary tiles."""
+    _compare(torch.float16, 32, length, mode)
 
 
 @pytest.mark.parametrize("mode", ["bidir", "bottleneck"])
