@@ -4,7 +4,8 @@
 # and CUDA-graph replay times) and the training-step benchmark (eager, compiled and graph
 # modes, the small and the paper preset). Usage: bash bench/gpu_check.sh OUT_DIR
 # OUT_DIR gets device.txt, gpu_tests.log, bench.log, attention.{json,md}, train_full.{json,md},
-# train_paper.{json,md}, flex/attention.json.
+# train_paper.{json,md}, flex/attention.json. The tile sweep is a second call:
+# bash bench/gpu_tune.sh OUT_DIR.
 set -uo pipefail
 out=${1:-bench/results/gpu-$(date +%Y-%m-%d)}
 mkdir -p "$out/flex"

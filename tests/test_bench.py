@@ -64,3 +64,43 @@ def test_train_benchmark_times_the_lambda_reuse_steps():
                            cases=[("bert4rec", "base")] + bench_train.REUSE_CASES)
     assert [r["objective"] for r in rows] == ["base", "autocdsr_reuse", "autocdsr_plus_reuse"]
     assert all(r["ratio_to_base"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(not kernels.triton_available(torch.device("cpu")), reason="needs TRITON_INTERPRET=1")
+def test_tile_sweep_checks_each_candidate_against_the_rule():
+    """The sweep runs every candidate (here under the interpreter, fp32, one short shape),
+    compares its outputs with the rule's, and proposes only candidates faster in every row."""
+    from bench import tune_tiles
+    candidates = {"forward": [{}, {"INTERIOR": False}, {"BLOCK_M": 16, "BLOCK_N": 16}],
+                  "dq": [{}, {"BLOCK_M": 16}], "dkdv": [{}, {"BLOCK_N": 32}]}
+    rows = tune_tiles.sweep(torch.device("cpu"), torch.float32, [16], [40], ["causal", "bidir"],
+                            tokens=80, heads=1, candidates=candidates, log=lambda _: None)
+    assert len(rows) == 2 * 7
+    assert all(r["error"] is None and r["ms"] > 0 for r in rows), [r["error"] for r in rows]
+    assert all(r["ratio_to_rule"] == 1.0 for r in rows if r["candidate"] == {})
+    assert not kernels.tiles.TUNED  # every trial restored the table
+    # proposals: only a candidate below the rule in every row of its bucket
+    fake = [dict(r, ratio_to_rule=0.5 if r["candidate"] == {"BLOCK_M": 16} else 1.0) for r in rows]
+    proposed = tune_tiles.proposals(fake)
+    assert list(proposed) == [("dq", 16, 64)] and proposed[("dq", 16, 64)][0] == {"BLOCK_M": 16}
+    mixed = [dict(r, ratio_to_rule=0.5 if r["candidate"] == {"BLOCK_M": 16} and r["mode"] == "causal"
+                  else 1.0) for r in rows]
+    assert tune_tiles.proposals(mixed) == {}
+
+
+def test_tile_sweep_reports_a_candidate_that_computes_something_else(monkeypatch):
+    """A candidate whose outputs differ from the rule's is an error row, never a timing."""
+    if not kernels.triton_available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from bench import tune_tiles
+    real = tune_tiles.triton_forward
+
+    def wrong_when_tuned(*args):
+        out, lse, mass = real(*args)
+        return (out + 1.0, lse, mass) if kernels.tiles.TUNED.get(("forward", "fp32", 16, 64)) \
+            else (out, lse, mass)
+    monkeypatch.setattr(tune_tiles, "triton_forward", wrong_when_tuned)
+    rows = tune_tiles.sweep(torch.device("cpu"), torch.float32, [16], [40], ["bidir"], tokens=80,
+                            heads=1, candidates={"forward": [{}, {"BLOCK_M": 16}]},
+                            log=lambda _: None)
+    assert rows[0]["error"] is None and "differs from the rule" in rows[1]["error"]

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from bench import tune_tiles
 from kernels import compile_check, tiles
 
 
@@ -99,3 +100,16 @@ def test_batch_offsets_are_computed_in_int64():
     assert {r[0] for r in rows} == {"preprocess", "forward", "dkdv", "dq"}
     for label, strides, wide in rows:
         assert int(strides) > 0 and wide == strides, label
+
+
+def test_tile_sweep_candidates_compile_without_spilling():
+    """Every candidate the GPU tile sweep would time compiles for sm_90 and does not spill
+    (so the sweep never times a configuration that is slow for a reason it cannot show)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.tune_tiles", "--aot", "90", "--dtype",
+                           "bf16", "--head-dims", "32", "--modes", "bidir"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == sum(len(options) for options in tune_tiles.CANDIDATES.values())
+    assert all(r["registers"] > 0 and r["spill_bytes"] == 0 for r in rows), rows
