@@ -223,6 +223,7 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+")
     parser.add_argument("--reuse", action="store_true",
                         help="also time the lambda-reuse steps of weighting.every=N")
+    parser.add_argument("--steps", type=int, help="timed rounds (default: the preset's)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -239,6 +240,8 @@ def main(argv=None):
         cases, loss_kind = list(DEFAULT_CASES), args.loss or "full"
     if args.reuse:
         cases += REUSE_CASES
+    if args.steps:
+        sizes = [dict(size, steps=args.steps) for size in sizes]
     tables, all_rows = [], []
     for size in sizes:
         rows = run(device, size, backends, loss_kind, cases, args.modes)
