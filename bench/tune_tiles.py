@@ -92,8 +92,7 @@ def sweep(device, dtype, head_dims, lengths, modes, tokens=12800, heads=4, candi
                 for kernel, options in candidates.items():
                     rule_ms = None
                     for option in options:
-                        key = (kernel, tiles.precision(dtype),
-                               tiles.config(kernel, head_dim, dtype, length)["BLOCK_D"],
+                        key = (kernel, tiles.precision(dtype), tiles.block_d(head_dim),
                                tiles.length_bucket(length))
                         row = {"kernel": kernel, "head_dim": head_dim, "length": length,
                                "mode": mode, "shape": shape, "candidate": option,
@@ -126,8 +125,7 @@ def proposals(rows, min_gain=0.03):
     of that bucket (every length and mode measured there)."""
     groups = {}
     for r in rows:
-        block_d = max(16, 1 << (r["head_dim"] - 1).bit_length())
-        key = (r["kernel"], block_d, tiles.length_bucket(r["length"]))
+        key = (r["kernel"], tiles.block_d(r["head_dim"]), tiles.length_bucket(r["length"]))
         groups.setdefault(key, {}).setdefault(json.dumps(r["candidate"], sort_keys=True),
                                               []).append(r["ratio_to_rule"])
     out = {}
@@ -154,17 +152,13 @@ def compile_candidates(arch, dtype, head_dims, modes, candidates=None):
     candidates = candidates or CANDIDATES
     kernel_fns = {"forward": attention._forward_kernel, "dkdv": attention._backward_dkdv_kernel,
                   "dq": attention._backward_dq_kernel}
-    t = compile_check.TRITON_DTYPE[dtype]
-    tensors = {n: t for n in ("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ")}
-    tensors.update({n: "fp32" for n in ("LSE", "MASS", "DMASS", "DELTA")})
-    tensors.update({"DOM": "i32", "SEQ_LENS": "i32"})
+    tensors = compile_check.pointer_types(dtype)
     rows = []
     for head_dim, mode, (kernel, options) in itertools.product(head_dims, modes,
                                                                candidates.items()):
         causal, nb = MODES[mode]
         for option in options:
-            key = (kernel, tiles.precision(dtype), max(16, 1 << (head_dim - 1).bit_length()),
-                   tiles.length_bucket(1))
+            key = (kernel, tiles.precision(dtype), tiles.block_d(head_dim), tiles.length_bucket(1))
             with tiles.trying({key: option}):
                 flags = attention.kernel_flags(kernel, head_dim, dtype, causal, nb > 0, 1)
             warps, stages = flags.pop("num_warps"), flags.pop("num_stages")

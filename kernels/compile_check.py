@@ -46,6 +46,14 @@ def _signature(kernel, pointer_types, constexprs):
     return signature
 
 
+def pointer_types(dtype):
+    """The kernels' pointer arguments -> element type, for inputs of `dtype`."""
+    tensors = dict.fromkeys(("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ"), TRITON_DTYPE[dtype])
+    tensors.update(dict.fromkeys(("LSE", "MASS", "DMASS", "DELTA"), "fp32"))
+    tensors.update({"DOM": "i32", "SEQ_LENS": "i32"})
+    return tensors
+
+
 def _per_bucket(name, settings_of):
     """(name, settings) once per distinct configuration over the length buckets: the first
     bucket's under `name`, any other under name + "/L<=bound" (a TUNED entry)."""
@@ -62,9 +70,7 @@ def variants():
     """Yield (name, kernel, pointer types, constexprs, num_warps, num_stages)."""
     for dtype, head_dim in itertools.product(DTYPES, HEAD_DIMS):
         t = TRITON_DTYPE[dtype]
-        tensors = {n: t for n in ("Q", "K", "V", "OUT", "DOUT", "DK", "DV", "DQ")}
-        tensors.update({n: "fp32" for n in ("LSE", "MASS", "DMASS", "DELTA")})
-        tensors.update({"DOM": "i32", "SEQ_LENS": "i32"})
+        tensors = pointer_types(dtype)
         for has_dout in (True, False):
             def preprocess(bound):  # the preprocess runs on dq's rows
                 cfg = tiles.config("dq", head_dim, dtype, bound)

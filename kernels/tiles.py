@@ -29,6 +29,11 @@ def length_bucket(length):
     return next(bound for bound in LENGTH_BUCKETS if length <= bound)
 
 
+def block_d(head_dim):
+    """The tile width along D: head_dim padded to a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def precision(dtype):
     return "fp32" if dtype == torch.float32 else "half"
 
@@ -61,11 +66,11 @@ def config(kernel, head_dim, dtype, length):
     """The settings of `kernel` ("forward", "dkdv", "dq") for one call."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    key = (kernel, precision(dtype), block_d, length_bucket(length))
-    settings = dict(rule(kernel, block_d, dtype == torch.float32))
+    width = block_d(head_dim)
+    key = (kernel, precision(dtype), width, length_bucket(length))
+    settings = dict(rule(kernel, width, dtype == torch.float32))
     settings.update(TUNED.get(key, {}))
-    return dict(settings, BLOCK_D=block_d)
+    return dict(settings, BLOCK_D=width)
 
 
 @contextlib.contextmanager
