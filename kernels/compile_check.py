@@ -72,14 +72,16 @@ def variants():
         t = TRITON_DTYPE[dtype]
         tensors = pointer_types(dtype)
         for has_dout in (True, False):
-            def preprocess(bound):  # the preprocess runs on dq's rows
-                cfg = tiles.config("dq", head_dim, dtype, bound)
+            def preprocess(bound, head_dim=head_dim, dtype=dtype, has_dout=has_dout):
+                cfg = tiles.config("dq", head_dim, dtype, bound)  # it runs on dq's rows, warps
                 return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"],
-                        "EVEN_D": cfg["BLOCK_D"] == head_dim, "HAS_DOUT": has_dout}
+                        "EVEN_D": cfg["BLOCK_D"] == head_dim, "HAS_DOUT": has_dout,
+                        "num_warps": cfg["num_warps"]}
             base = f"preprocess/{t}/d{head_dim}" + ("" if has_dout else "/no-dout")
             for name, constexprs in _per_bucket(base, preprocess):
-                yield (name, attention._backward_preprocess_kernel, tensors, constexprs,
-                       tiles.config("dq", head_dim, dtype, 1)["num_warps"], 1)
+                constexprs = dict(constexprs)
+                warps = constexprs.pop("num_warps")
+                yield name, attention._backward_preprocess_kernel, tensors, constexprs, warps, 1
         for causal, bottleneck in itertools.product((False, True), (False, True)):
             mode = ("causal" if causal else "bidir") + ("+ib" if bottleneck else "")
             for label, kernel in (("forward", attention._forward_kernel),
