@@ -88,7 +88,8 @@ def plot_pair_mass(panels, path):
 
 
 def plot_trajectory(histories, path, metric="NDCG@10"):
-    """histories: [(label, metrics.json history)]; five panels against the epoch."""
+    """histories: [(label, metrics.json history)]; five panels against the epoch (a
+    per-domain run adds a dashed lambda and cosine line per domain)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,7 +103,14 @@ def plot_trajectory(histories, path, metric="NDCG@10"):
             if key in ("lambda", "cosine") and not any(values):
                 ax.plot([], [], label=label)  # base has no lambda, fixed weighting no cosine
                 continue
-            ax.plot(epochs, values, marker=".", label=label)
+            line, = ax.plot(epochs, values, marker=".", label=label)
+            per_domain = {"lambda": "lambda_per_domain", "cosine": "cosine_per_domain"}.get(key)
+            domains = list(history[0].get(per_domain) or {}) if per_domain else []
+            for n, domain in enumerate(domains):
+                # a per-domain run: one line per domain beside the mean, in the run's colour
+                ax.plot(epochs, [h[per_domain][domain] for h in history],
+                        linestyle=(0, (1 + n, 1 + n)), color=line.get_color(), alpha=0.6,
+                        label=f"{label}, domain {domain}")
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
     axes[0].legend(fontsize=7)

@@ -42,6 +42,9 @@ class WeightingConfig:
     lam: float = 0.1          # for mode=fixed
     every: int = 1            # reuse lambda for N steps
     shared: str = "reached"   # reached | all_but_items | all: the Gram matrix's parameters
+    layers: List[int] = field(default_factory=list)  # layers whose mass enters L_cd; [] = all
+    per_domain: bool = False  # one L_cd and one lambda per query domain
+    gate: bool = False        # lambda = 0 on steps where the two gradients conflict (cos < 0)
     log_every: int = 50       # steps between device->host copies of lambda / cosine
 
 
@@ -207,6 +210,16 @@ def check_config(cfg):
     elif cfg.model.bottleneck_tokens > 0 and cfg.model.arch == "sasrec":
         raise ConfigError("model.bottleneck_tokens > 0 needs model.arch=bert4rec (a causal encoder "
                           "with bottleneck tokens leaks future items)")
+    weighting = cfg.weighting
+    if (weighting.per_domain or weighting.gate) and (cfg.objective == "base"
+                                                    or weighting.mode not in ("pareto", "mgda")):
+        raise ConfigError("weighting.per_domain and weighting.gate act on the solver's lambda: "
+                          "they need objective=autocdsr or autocdsr_plus with weighting.mode="
+                          "pareto or mgda")
+    bad_layers = [i for i in weighting.layers if not 0 <= i < cfg.model.layers]
+    if bad_layers:
+        raise ConfigError(f"weighting.layers {bad_layers}: layer indices run from 0 to "
+                          f"model.layers - 1 = {cfg.model.layers - 1}")
     if cfg.model.bottleneck_layers > cfg.model.layers:
         raise ConfigError(f"model.bottleneck_layers ({cfg.model.bottleneck_layers}) exceeds "
                           f"model.layers ({cfg.model.layers})")

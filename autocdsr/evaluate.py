@@ -112,6 +112,21 @@ def domain_negatives(data, split, rows, rng, count=999):
     return out
 
 
+def direct_domain_negatives(data, split, rows, rng, count=999):
+    """The uni999_domain protocol written out row by row (the reference the vectorised
+    domain_negatives is checked against): `count` items drawn uniformly without replacement
+    from the target domain's items minus the row's history and target (with replacement
+    where fewer are allowed; from the whole catalogue minus the history where none are)."""
+    out = np.zeros((len(rows), count), dtype=np.int64)
+    for b, r in enumerate(rows):
+        seen = np.union1d(split.row(r)[0], [split.targets[r]])
+        allowed = np.setdiff1d(data.domain_items[split.target_domains[r]], seen)
+        if len(allowed) == 0:
+            allowed = np.setdiff1d(np.arange(1, data.num_items + 1), seen)
+        out[b] = rng.choice(allowed, size=count, replace=len(allowed) < count)
+    return out
+
+
 @torch.no_grad()
 def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
                  hide_mask_domain=False, desc="eval", comm=None):

@@ -81,9 +81,16 @@ def inbatch_official_loss(states, weights, targets, row_weight=None, denominator
     return _weighted_mean(lse - logits.diagonal(), row_weight, denominator)
 
 
+def uniform_negatives(num_items, count, device):
+    """[count] item ids drawn uniformly, with replacement, from 1..num_items (never padding 0
+    nor the [MASK] id num_items + 1), from the global generator."""
+    return torch.randint(1, num_items + 1, (count,), device=device)
+
+
 def sampled_softmax_loss(states, weights, targets, row_weight, num_negatives, denominator=None,
                          bias=None):
-    negatives = torch.randint(1, weights.shape[0], (num_negatives,), device=states.device)
+    """weights: the scoring table [num_items + 1, H] (row 0 padding)."""
+    negatives = uniform_negatives(weights.shape[0] - 1, num_negatives, states.device)
     positive = (states * weights[targets]).sum(-1, keepdim=True)
     negative = states @ weights[negatives].T
     if bias is not None:

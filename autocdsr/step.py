@@ -25,67 +25,98 @@ from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
 
 from .graph_step import CapturedStep
 from .losses import recommendation_loss
-from .objectives import cross_domain_loss
+from .objectives import cross_domain_loss, cross_domain_loss_per_domain, domain_query_counts
 
 
 def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, lookup=None,
-                       reduce=None):
+                       reduce=None, gate=False):
     """(grads, lam, cosine, ok): the update direction of every parameter.
 
-    mode "none" (base): g_rec. solve=False: one pass of L_rec + lam L_cd (fixed weighting, or
-    a lambda reused from an earlier step). solve=True: g_rec and g_cd in two passes, lambda
-    from the Gram matrix over params[gram_index], g_rec + lambda g_cd (g_rec alone where the
-    solver fell back, so a NaN in g_cd never reaches the update).
+    loss_cd is a 0-d L_cd (the official step: one lambda), or a [K] vector of cross-domain
+    losses (weighting.per_domain: one L_cd_d per query domain), each balanced against L_rec
+    by its own two-task problem; lam, cosine and ok then have the shape of loss_cd.
+
+    mode "none" (base): g_rec. solve=False: one pass of L_rec + sum_k lam_k L_cd_k (fixed
+    weighting, or lambdas reused from an earlier step). solve=True: g_rec, then each g_cd_k,
+    in 1 + K passes; lambda_k from the Gram matrix of (g_cd_k, g_rec) over params[gram_index];
+    the update g_rec + sum_k lambda_k g_cd_k, leaving out each k whose solver fell back (so a
+    NaN in g_cd_k never reaches the update). gate=True: lambda_k = 0 where the two gradients
+    conflict (cosine < 0), i.e. the penalty acts only where lowering L_cd_k does not raise
+    L_rec to first order.
 
     lookup = (table index in params, items [B, L], item_vectors [B, L, H] = table[items]):
     L_cd reaches the item table only through this lookup, so its gradient is taken with
     respect to the [B, L, H] lookup output and added, times lambda, into the touched rows of
-    g_rec's table gradient (index_add): the second pass never writes a dense table gradient
+    g_rec's table gradient (index_add): the cd passes never write a dense table gradient
     and the combine never sweeps the table. (The table must then not be in the Gram set.)
 
     reduce (data parallelism): returns summed-over-ranks copies of a tensor list; the Gram
-    matrix and the losses the solver sees are then the global ones, so every rank gets the same
-    lambda. The returned gradients stay this rank's share (the caller sums them).
+    matrices and the losses the solver sees are then the global ones, so every rank gets the
+    same lambdas. The returned gradients stay this rank's share (the caller sums them).
     """
-    zero = torch.zeros((), device=loss_rec.device)
-    ok = torch.ones((), dtype=torch.bool, device=loss_rec.device)
+    zero = torch.zeros(loss_cd.shape, device=loss_rec.device)
+    ok = torch.ones(loss_cd.shape, dtype=torch.bool, device=loss_rec.device)
     if mode == "none":
         return _materialise(torch.autograd.grad(loss_rec, params, allow_unused=True), params), \
             zero, zero, ok
     if not solve:
-        grads = torch.autograd.grad(loss_rec + lam * loss_cd, params, allow_unused=True)
+        grads = torch.autograd.grad(loss_rec + (lam * loss_cd).sum(), params, allow_unused=True)
         return _materialise(grads, params), lam, zero, ok
     g_rec = _materialise(torch.autograd.grad(loss_rec, params, retain_graph=True,
                                              allow_unused=True), params)
     table = -1 if lookup is None else lookup[0]
     others = [i for i in range(len(params)) if i != table]
     wrt = [params[i] for i in others] + ([] if lookup is None else [lookup[2]])
-    g_wrt = torch.autograd.grad(loss_cd, wrt, allow_unused=True)
-    g_cd = [None] * len(params)
-    for i, g in zip(others, g_wrt):
-        g_cd[i] = g
-    g_cd = _materialise(g_cd, params) if lookup is None else g_cd
-    shared_cd = [g_cd[i] if g_cd[i] is not None else torch.zeros_like(params[i])
-                 for i in gram_index]
+    tasks = loss_cd.reshape(-1).unbind()
+    g_cd, g_lookup = [], []  # per task: per-parameter gradients, the lookup's gradient
+    for k, task in enumerate(tasks):
+        g_wrt = torch.autograd.grad(task, wrt, retain_graph=k + 1 < len(tasks), allow_unused=True)
+        g_k = [None] * len(params)
+        for i, g in zip(others, g_wrt):
+            g_k[i] = g
+        g_cd.append(_materialise(g_k, params) if lookup is None else g_k)
+        g_lookup.append(None if lookup is None else g_wrt[-1])
+    shared_cd = [[g_k[i] if g_k[i] is not None else torch.zeros_like(params[i])
+                  for i in gram_index] for g_k in g_cd]
     shared_rec = [g_rec[i] for i in gram_index]
-    losses = torch.stack([loss_cd.detach().float(), loss_rec.detach().float()])
-    if reduce is not None:  # one flat all-reduce: both gradients' Gram parts and the losses
+    losses = torch.cat([loss_cd.detach().float().reshape(-1), loss_rec.detach().float()[None]])
+    if reduce is not None:  # one flat all-reduce: every task's Gram part and the losses
         n = len(gram_index)
-        summed = reduce(shared_cd + shared_rec + [losses])
-        shared_cd, shared_rec, losses = summed[:n], summed[n:2 * n], summed[-1]
-    gram = gram_matrix([shared_cd, shared_rec])
-    lam, ok = pareto_lambda(gram, losses, mode)
-    dense = [i for i in range(len(params)) if g_cd[i] is not None]
-    weighted = torch._foreach_mul([g_cd[i] for i in dense], lam)
+        summed = reduce([g for part in shared_cd for g in part] + shared_rec + [losses])
+        shared_cd = [summed[k * n:(k + 1) * n] for k in range(len(tasks))]
+        shared_rec, losses = summed[len(tasks) * n:-1], summed[-1]
+    gram, pair_losses = _pair_problems(gram_matrix(shared_cd + [shared_rec]), losses)
+    lam, ok = pareto_lambda(gram, pair_losses, mode)                    # [K], [K]
+    cosine = gradient_cosine(gram).float()
+    if gate:
+        lam = torch.where(cosine >= 0, lam, 0.0)
     grads = list(g_rec)
-    for i, w in zip(dense, weighted):
-        grads[i] = torch.where(ok, g_rec[i] + w, g_rec[i])
-    if lookup is not None and g_wrt[-1] is not None:
+    for k, g_k in enumerate(g_cd):
+        dense = [i for i in range(len(params)) if g_k[i] is not None]
+        weighted = torch._foreach_mul([g_k[i] for i in dense], lam[k])
+        for i, w in zip(dense, weighted):
+            grads[i] = torch.where(ok[k], grads[i] + w, grads[i])
+    if lookup is not None and any(g is not None for g in g_lookup):
         _, items, vectors = lookup
-        keep = ok & (items != 0)[..., None]  # row 0 is padding (no gradient, as padding_idx)
-        rows = torch.where(keep, lam * g_wrt[-1], 0.0).reshape(-1, vectors.shape[-1])
-        grads[table] = g_rec[table].index_add(0, items.reshape(-1), rows.to(g_rec[table].dtype))
-    return grads, lam, gradient_cosine(gram).float(), ok
+        rows = 0.0
+        for k, g in enumerate(g_lookup):
+            if g is not None:
+                rows = rows + torch.where(ok[k], lam[k] * g, 0.0)
+        rows = torch.where((items != 0)[..., None], rows, 0.0)  # row 0 is padding (no gradient)
+        grads[table] = g_rec[table].index_add(0, items.reshape(-1),
+                                              rows.reshape(-1, vectors.shape[-1]).to(g_rec[table].dtype))
+    shape = loss_cd.shape
+    return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
+
+
+def _pair_problems(gram, losses):
+    """The K two-task problems (cd_k, rec) of a [K + 1, K + 1] Gram matrix whose last task is
+    rec, and losses [K + 1] in the same order: ([K, 2, 2] Gram matrices, [K, 2] losses)."""
+    rec = gram.shape[0] - 1
+    grams = [torch.stack([torch.stack([gram[k, k], gram[k, rec]]),
+                          torch.stack([gram[rec, k], gram[rec, rec]])]) for k in range(rec)]
+    return torch.stack(grams), torch.stack([torch.stack([losses[k], losses[rec]])
+                                            for k in range(rec)])
 
 
 def _materialise(grads, params):
@@ -143,14 +174,20 @@ class TrainStep:
     """model + torch.optim.AdamW (its state, hyper-parameters and scheduler) + the objective.
 
     step(batch) -> dict of 0-d device tensors: loss (L_rec), cd (L_cd), lam, cosine, skipped
-    (1.0 where the step was non-finite and skipped). Running counters on the device:
-    `fallbacks` (solver fell back to g_rec), `skipped`, `bad_in_row`.
+    (1.0 where the step was non-finite and skipped); with per_domain also lam_per_domain and
+    cosine_per_domain ([num_domains]; lam and cosine are then their means). Running counters
+    on the device: `fallbacks` (solver problems that fell back to g_rec), `skipped`,
+    `bad_in_row`.
+
+    The weighting variants beyond the paper: layers (the layers whose mass enters L_cd, and
+    so the Gram set; empty = all of the model's mass layers), per_domain (one lambda per query
+    domain), gate (no penalty where the gradients conflict); see balanced_gradients.
     """
 
     def __init__(self, model, optimizer, *, loss="full", objective="base", mode="pareto",
                  lam=0.1, every=1, shared="reached", grad_clip=1.0, num_negatives=1000,
                  logits="dot", temperature=1.0, amp_dtype=None, compile=False, cuda_graph=False,
-                 comm=None):
+                 comm=None, layers=(), per_domain=False, gate=False):
         self.model, self.optimizer = model, optimizer
         self.loss_kwargs = dict(num_negatives=num_negatives, logits=logits,
                                 temperature=temperature)
@@ -160,9 +197,14 @@ class TrainStep:
             raise ValueError("train.compile / train.cuda_graph are not supported with data "
                              "parallelism yet")
         self.mode = "none" if objective == "base" else mode
-        self.every = every
+        if per_domain and self.mode not in ("pareto", "mgda"):
+            raise ValueError("per_domain needs a solver (mode pareto or mgda): a fixed lambda "
+                             "has nothing to solve per domain")
+        self.every, self.gate = every, gate
+        self.layers = model.mass_layers(layers)
+        self.num_tasks = model.num_domains if per_domain else 0  # 0: the one global L_cd
         self.params = [p for p in model.parameters() if p.requires_grad]
-        gram_ids = {id(p) for p in model.gram_parameters(shared)}
+        gram_ids = {id(p) for p in model.gram_parameters(shared, self.layers)}
         self.gram_index = [i for i, p in enumerate(self.params) if id(p) in gram_ids]
         self.table_index = next(i for i, p in enumerate(self.params)
                                 if p is model.item_embedding.weight)
@@ -179,8 +221,9 @@ class TrainStep:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.lr = torch.zeros((), device=device)
-        self.lam = torch.tensor(float(lam) if mode == "fixed" else 0.0, device=device)
-        self.cosine = torch.zeros((), device=device)
+        shape = (self.num_tasks,) if self.num_tasks else ()
+        self.lam = torch.full(shape, float(lam) if mode == "fixed" else 0.0, device=device)
+        self.cosine = torch.zeros(shape, device=device)
         self.fallbacks = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_in_row = torch.zeros((), dtype=torch.int64, device=device)
@@ -202,14 +245,18 @@ class TrainStep:
 
     # ---------------------------------------------------------------- the traced function
     def losses(self, batch):
-        """(L_rec, L_cd, item_vectors): item_vectors is the item-table lookup of the batch.
-        Under data parallelism both losses are this rank's share of the global ones."""
-        model = self.model
-        query_mask = model.cd_query_mask(batch["domains"])
-        rec_count = cd_count = None
+        """(L_rec, L_cd, L_cd per task, item_vectors): item_vectors is the item-table lookup
+        of the batch; the per-task losses are [num_domains] with per_domain, else L_cd itself.
+        Under data parallelism the losses are this rank's share of the global ones."""
+        model, domains = self.model, batch["domains"]
+        query_mask = model.cd_query_mask(domains)
+        rec_count = cd_count = domain_counts = None
         if self.comm is not None and self.comm.active:  # global counts normalise the losses
-            rec_count, cd_count = self.comm.summed(
-                [torch.stack([batch["target_weight"].sum(), query_mask.float().sum()])])[0]
+            counts = [batch["target_weight"].sum()[None], query_mask.float().sum()[None]]
+            if self.num_tasks:
+                counts.append(domain_query_counts(query_mask, domains, self.num_tasks))
+            counts = self.comm.summed([torch.cat(counts)])[0]
+            rec_count, cd_count, domain_counts = counts[0], counts[1], counts[2:]
         # a captured graph must not keep autocast's cast-weight cache across replays
         with torch.autocast(batch["items"].device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None, cache_enabled=not self.cuda_graph):
@@ -220,18 +267,22 @@ class TrainStep:
                                            batch["targets"], batch["target_slots"],
                                            batch["target_weight"], **self.loss_kwargs,
                                            denominator=rec_count, bias=model.item_biases())
-        loss_cd = cross_domain_loss(model.objective_masses(masses), query_mask,  # float32 mass
-                                    denominator=cd_count)
-        return loss_rec.float(), loss_cd, item_vectors
+        masses = model.objective_masses(masses, self.layers)  # float32
+        loss_cd = cross_domain_loss(masses, query_mask, denominator=cd_count)
+        tasks = loss_cd
+        if self.num_tasks:
+            tasks = cross_domain_loss_per_domain(masses, query_mask, domains, self.num_tasks,
+                                                 domain_counts)
+        return loss_rec.float(), loss_cd, tasks, item_vectors
 
     def gradients(self, batch, lam, solve):
         """(grads, clip scale, finite flag, scalars): everything but the parameter update."""
-        loss_rec, loss_cd, item_vectors = self.losses(batch)
+        loss_rec, loss_cd, tasks, item_vectors = self.losses(batch)
         lookup = None if self.table_in_gram else (self.table_index, batch["items"], item_vectors)
         distributed = self.comm is not None and self.comm.active
         grads, lam, cosine, ok = balanced_gradients(
-            self.params, self.gram_index, loss_rec, loss_cd, self.mode, lam, solve, lookup,
-            self.comm.summed if distributed else None)
+            self.params, self.gram_index, loss_rec, tasks, self.mode, lam, solve, lookup,
+            self.comm.summed if distributed else None, self.gate)
         loss_rec, loss_cd = loss_rec.detach(), loss_cd.detach()
         if distributed:  # every gradient once, the two logged losses riding along
             losses = torch.stack([loss_rec, loss_cd])
@@ -277,13 +328,17 @@ class TrainStep:
         out = self.function(batch, self.lr, self.lam, solve)
         if solve:  # copies: a captured step's outputs are overwritten by its next replay
             self.lam, self.cosine = out["lam"].clone(), out["cosine"].clone()
-            self.fallbacks = self.fallbacks + (~out["ok"]).long()
+            self.fallbacks = self.fallbacks + (~out["ok"]).long().sum()
         bad = (~out["finite"]).long()
         self.skipped = self.skipped + bad
         self.bad_in_row = (self.bad_in_row + bad) * bad
         self.steps += 1
-        return {"loss": out["loss"], "cd": out["cd"], "lam": self.lam.float(),
-                "cosine": self.cosine.float(), "skipped": bad.float()}
+        stats = {"loss": out["loss"], "cd": out["cd"], "lam": self.lam.float().mean(),
+                 "cosine": self.cosine.float().mean(), "skipped": bad.float()}
+        if self.num_tasks:
+            stats["lam_per_domain"] = self.lam.float()
+            stats["cosine_per_domain"] = self.cosine.float()
+        return stats
 
     def state_dict(self):
         return {"lam": self.lam, "cosine": self.cosine, "fallbacks": self.fallbacks,

@@ -138,16 +138,26 @@ class Trainer:
             shared=cfg.weighting.shared, grad_clip=cfg.train.grad_clip,
             num_negatives=cfg.train.num_negatives, logits=cfg.train.logits,
             temperature=cfg.train.temperature, amp_dtype=self.amp_dtype,
-            compile=cfg.train.compile, cuda_graph=cfg.train.cuda_graph, comm=self.comm)
+            compile=cfg.train.compile, cuda_graph=cfg.train.cuda_graph, comm=self.comm,
+            layers=list(cfg.weighting.layers), per_domain=cfg.weighting.per_domain,
+            gate=cfg.weighting.gate)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         self.history, self.pending = [], []
         self.skipped_steps = 0
+        # the columns of a queued step-stats row (copied to the host in batches), by name
+        self.domain_names = [str(t) for t in self.data.domain_tokens] \
+            if cfg.weighting.per_domain else []
+        self.stat_columns = ["loss", "cd", "lam", "cos", "skipped", "bad_in_row"] + \
+            [f"lam@{d}" for d in self.domain_names] + [f"cos@{d}" for d in self.domain_names]
         self.epoch_sums = self._zero_sums()
 
     # ------------------------------------------------------------------ state
     def _zero_sums(self):
-        return {"loss": 0.0, "cd": 0.0, "lam": 0.0, "cos": 0.0, "n": 0, "seconds": 0.0}
+        sums = {"n": 0, "seconds": 0.0}
+        sums.update({name: 0.0 for name in self.stat_columns
+                     if name not in ("skipped", "bad_in_row")})
+        return sums
 
     def state(self):
         return {
@@ -214,31 +224,37 @@ class Trainer:
     def train_step(self, batch):
         out = self.step(batch)
         self.scheduler.step()
-        self.pending.append(torch.stack([out["loss"], out["cd"], out["lam"], out["cosine"],
-                                         out["skipped"], self.step.bad_in_row.float()]))
+        row = [out["loss"], out["cd"], out["lam"], out["cosine"], out["skipped"],
+               self.step.bad_in_row.float()]
+        if self.domain_names:
+            row += [*out["lam_per_domain"].unbind(), *out["cosine_per_domain"].unbind()]
+        self.pending.append(torch.stack(row))
 
     def _flush(self):
         """Copy the queued per-step scalars to the host in one transfer; stop the run after
         train.max_bad_steps non-finite (skipped) steps in a row."""
         if not self.pending:
             return None
-        values = torch.stack(self.pending).cpu().numpy()
+        table = torch.stack(self.pending).cpu().numpy()
         self.pending = []
+        values = {name: table[:, i] for i, name in enumerate(self.stat_columns)}
+        skipped, in_row = values["skipped"], values["bad_in_row"]
         sums = self.epoch_sums
-        for column, key in enumerate(("loss", "cd", "lam", "cos")):
-            finite = values[:, 4] == 0  # skipped steps carry NaN losses: left out of the means
-            sums[key] += float(values[finite, column].sum())
-        sums["n"] += int((values[:, 4] == 0).sum())
-        self.skipped_steps += int(values[:, 4].sum())
-        if values[:, 4].any():
+        finite = skipped == 0  # skipped steps carry NaN losses: left out of the means
+        for key in sums:
+            if key in values:
+                sums[key] += float(values[key][finite].sum())
+        sums["n"] += int(finite.sum())
+        self.skipped_steps += int(skipped.sum())
+        if skipped.any():
             log.warning("non-finite loss or gradient: %d steps skipped so far (%d in a row)",
-                        self.skipped_steps, int(values[-1, 5]))
-        if values[-1, 5] >= self.cfg.train.max_bad_steps:
+                        self.skipped_steps, int(in_row[-1]))
+        if in_row[-1] >= self.cfg.train.max_bad_steps:
             raise FloatingPointError(
-                f"{int(values[-1, 5])} non-finite steps in a row: stopping; the last checkpoint "
+                f"{int(in_row[-1])} non-finite steps in a row: stopping; the last checkpoint "
                 f"is {os.path.join(self.cfg.run_dir, 'last.pt')} (the skipped steps never "
                 f"reached the weights)")
-        return values[-1]
+        return {name: column[-1] for name, column in values.items()}
 
     # ------------------------------------------------------------------ loop
     def save(self, name):
@@ -277,7 +293,8 @@ class Trainer:
                 bar.update(1)
                 if len(self.pending) >= cfg.weighting.log_every:
                     last = self._flush()
-                    bar.set_postfix(loss=f"{last[0]:.3f}", cd=f"{last[1]:.3f}", lam=f"{last[2]:+.3f}")
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", cd=f"{last['cd']:.3f}",
+                                    lam=f"{last['lam']:+.3f}")
                 if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
                     self._flush()
                     self.epoch_sums["seconds"] += time.perf_counter() - t_start
@@ -295,11 +312,11 @@ class Trainer:
                      "valid": {metric: valid["overall"][metric]},
                      "fallbacks": int(self.step.fallbacks), "skipped_steps": self.skipped_steps,
                      "allreduce_bytes_per_step": self.comm.bytes / max(1, self.global_step)}
+            if self.domain_names:
+                entry["lambda_per_domain"] = {d: sums[f"lam@{d}"] / n for d in self.domain_names}
+                entry["cosine_per_domain"] = {d: sums[f"cos@{d}"] / n for d in self.domain_names}
             self.history.append(entry)
-            log.info("epoch %d | loss %.4f | L_cd %.4f | lambda %+.4f | cos %+.3f | %.1fs "
-                     "(%.1f ms/step) | valid %s %.4f", entry["epoch"], entry["train_loss"],
-                     entry["cd_mass"], entry["lambda"], entry["cosine"], entry["seconds"],
-                     1000 * entry["seconds_per_step"], metric, valid["overall"][metric])
+            log.info("%s", self._epoch_line(entry, metric))
             self.epoch += 1
             self.step_in_epoch = 0
             self.epoch_sums = self._zero_sums()
@@ -311,6 +328,21 @@ class Trainer:
                 self.bad_epochs += 1
             self.save("last.pt")
         return self.finish()
+
+    def _epoch_line(self, entry, metric):
+        """One log line per epoch, with only what the objective computes."""
+        parts = [f"epoch {entry['epoch']}", f"loss {entry['train_loss']:.4f}",
+                 f"L_cd {entry['cd_mass']:.4f}"]
+        if self.step.mode in ("pareto", "mgda", "fixed"):
+            parts.append(f"lambda {entry['lambda']:+.4f}")
+        if self.step.mode in ("pareto", "mgda"):
+            parts.append(f"cos {entry['cosine']:+.3f}")
+        for d in self.domain_names:
+            parts.append(f"domain {d}: lambda {entry['lambda_per_domain'][d]:+.3f} "
+                         f"cos {entry['cosine_per_domain'][d]:+.3f}")
+        parts.append(f"{entry['seconds']:.1f}s ({1000 * entry['seconds_per_step']:.1f} ms/step)")
+        parts.append(f"valid {metric} {entry['valid'][metric]:.4f}")
+        return " | ".join(parts)
 
     def finish(self):
         cfg = self.cfg

@@ -35,6 +35,12 @@ VARIANTS = {
     "sasrec/fixed0.5": ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=0.5"],
     "sasrec/fixed1.0": ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=1.0"],
     "sasrec/mgda": ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=mgda"],
+    # the weighting variants beyond the paper
+    "sasrec/layers0": ["model.arch=sasrec", "objective=autocdsr", "weighting.layers=[0]"],
+    "sasrec/gate": ["model.arch=sasrec", "objective=autocdsr", "weighting.gate=true"],
+    "sasrec/per_domain": ["model.arch=sasrec", "objective=autocdsr", "weighting.per_domain=true"],
+    "sasrec/per_domain_gate": ["model.arch=sasrec", "objective=autocdsr",
+                               "weighting.per_domain=true", "weighting.gate=true"],
     "bert4rec/base": ["model.arch=bert4rec", "objective=base"],
     "bert4rec/autocdsr": ["model.arch=bert4rec", "objective=autocdsr"],
     "bert4rec/autocdsr_plus": ["model.arch=bert4rec", "objective=autocdsr_plus"],
@@ -42,6 +48,10 @@ VARIANTS = {
     "bert4rec/fixed0.5": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=0.5"],
     "bert4rec/fixed1.0": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=1.0"],
     "bert4rec/mgda": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=mgda"],
+    "bert4rec/layers0": ["model.arch=bert4rec", "objective=autocdsr", "weighting.layers=[0]"],
+    "bert4rec/gate": ["model.arch=bert4rec", "objective=autocdsr", "weighting.gate=true"],
+    "bert4rec/per_domain_gate": ["model.arch=bert4rec", "objective=autocdsr",
+                                 "weighting.per_domain=true", "weighting.gate=true"],
 }
 STUDY_DEFAULTS = ["train.epochs=30", "train.patience=6"]
 
@@ -95,6 +105,9 @@ def mean_trajectory(run_dirs):
         rows = [h[e] for h in histories]
         entry = {k: float(np.mean([r[k] for r in rows]))
                  for k in ("lambda", "cosine", "cd_mass", "train_loss")}
+        for key in ("lambda_per_domain", "cosine_per_domain"):
+            if key in rows[0]:
+                entry[key] = {d: float(np.mean([r[key][d] for r in rows])) for d in rows[0][key]}
         entry["epoch"] = e + 1
         entry["valid"] = {k: float(np.mean([r["valid"][k] for r in rows])) for k in rows[0]["valid"]}
         mean.append(entry)

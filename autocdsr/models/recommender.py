@@ -82,25 +82,36 @@ class Recommender(nn.Module):
         out = torch.einsum("bh,bnh->bn", states, weights[candidates])
         return out if bias is None else out + bias.float()[candidates]
 
-    def mass_layers(self):
+    def mass_layers(self, layers=()):
         """Indices of the layers whose mass the cross-domain objective acts on: every layer,
-        or the bottleneck layers in AutoCDSR+ mode."""
-        return list(range(self.bottleneck_layers or len(self.encoder.blocks)))
+        or the bottleneck layers in AutoCDSR+ mode; `layers` (weighting.layers) picks a subset
+        of those (empty: all of them)."""
+        allowed = list(range(self.bottleneck_layers or len(self.encoder.blocks)))
+        if not layers:
+            return allowed
+        chosen = sorted({int(i) for i in layers})
+        outside = [i for i in chosen if i not in allowed]
+        if outside:
+            kind = "bottleneck layers" if self.bottleneck_layers else "layers"
+            raise ValueError(f"weighting.layers {outside} are not among the model's {kind} "
+                             f"{allowed}")
+        return chosen
 
-    def objective_masses(self, masses):
-        return [masses[i] for i in self.mass_layers()]
+    def objective_masses(self, masses, layers=()):
+        """The per-layer masses L_cd averages: those of mass_layers(layers)."""
+        return [masses[i] for i in self.mass_layers(layers)]
 
     @staticmethod
     def cd_query_mask(domains):
         """[B, L] bool: the queries whose mass enters L_cd (real tokens, wildcards aside)."""
         return (domains >= 0) & (domains != WILDCARD_DOMAIN)
 
-    def gram_parameters(self, shared="reached"):
+    def gram_parameters(self, shared="reached", layers=()):
         """The parameters whose gradients enter the Gram matrix.
 
         reached: those the cross-domain loss depends on, without the item table (as the
-          official code): embeddings, every block before the last mass layer, and that
-          layer's first norm and QKV projection;
+          official code): embeddings, every block before the last mass layer (of
+          mass_layers(layers)), and that layer's first norm and QKV projection;
         all_but_items: every parameter but the item table; all: every parameter.
         """
         if shared not in SHARED_SETS:
@@ -110,7 +121,7 @@ class Recommender(nn.Module):
             return [p for p in self.parameters() if p.requires_grad]
         if shared == "all_but_items":
             return [p for p in self.parameters() if p.requires_grad and p is not table]
-        last = self.mass_layers()[-1]
+        last = self.mass_layers(layers)[-1]
         modules = [self.encoder.position_embedding, *self.encoder.blocks[:last],
                    *self.encoder.blocks[last].mass_inputs()]
         reached = [p for m in modules for p in m.parameters()]
