@@ -13,14 +13,24 @@ import sys
 
 from omegaconf import OmegaConf
 
-from .checkpoint import CheckpointError, load_safe
-from .compare import DEFAULT_GROUP_BY, CompareError
-from .serve import ServeError
-from .config import ConfigError, load_config
-from .data.reader import DataError
+from .compare import DEFAULT_GROUP_BY
+from .config import keys_text, load_config
+
+# Only the configuration is imported up front, so a bad argument or --help answers at once;
+# each command imports what it needs (torch among it). Every user-facing error (config, data,
+# checkpoint, compare, serve) is a ValueError subclass.
 
 
 def _train(args):
+    if args.config and not os.path.isfile(args.config):
+        raise ValueError(f"config file not found: {args.config}")
+    if args.resume and not os.path.isfile(os.path.join(args.resume, "last.pt")):
+        raise ValueError(f"--resume {args.resume}: no last.pt there to resume from")
+    if not args.resume:  # checked before the heavy imports
+        cfg = load_config(args.config, args.overrides)
+        if cfg.data.path and not os.path.exists(cfg.data.path):
+            raise ValueError(f"data.path={cfg.data.path}: no such file or folder")
+    from .checkpoint import load_safe
     from .train import train
     resume_state = None
     if args.resume:
@@ -35,6 +45,7 @@ def _train(args):
 
 
 def _evaluate(args):
+    from .checkpoint import load_safe
     from .evaluate import format_table
     from .train import Trainer, setup_logging
     state = load_safe(args.checkpoint)
@@ -78,10 +89,13 @@ def _export(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="autocdsr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a model (synthetic data by default)")
+    p_train = sub.add_parser("train", help="train a model (synthetic data by default)",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="config keys (key=default, then the meaning):\n" + keys_text())
     p_train.add_argument("--config", help="YAML config file")
     p_train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p_train.add_argument("overrides", nargs="*", help="key=value, e.g. model.arch=bert4rec")
+    p_train.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="config overrides, e.g. model.arch=bert4rec (keys below)")
     p_eval = sub.add_parser("evaluate", help="evaluate a checkpoint")
     p_eval.add_argument("--checkpoint", required=True)
     p_eval.add_argument("overrides", nargs="*")
@@ -113,8 +127,7 @@ def main(argv=None):
                 "recommend": _recommend, "export": _export}
     try:
         commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, CompareError, ServeError,
-            FloatingPointError, ValueError) as err:
+    except (FloatingPointError, ValueError) as err:
         print(f"autocdsr: error: {err}", file=sys.stderr)
         return 2
     return 0

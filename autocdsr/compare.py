@@ -16,7 +16,10 @@ from omegaconf import OmegaConf
 
 from .config import Config
 
-DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam")
+DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam",
+                    "weighting.layers", "weighting.per_domain", "weighting.gate")
+# weighting variants left out of a group's label where they have their default (off)
+VARIANT_KEYS = ("weighting.layers", "weighting.per_domain", "weighting.gate")
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
                 "data.synthetic_spurious", "data.domains", "data.target_domains",
@@ -44,6 +47,8 @@ def _value(cfg, key):
     if key == "weighting.lam" and OmegaConf.select(cfg, "weighting.mode") != "fixed":
         return "-"  # lam only means something for fixed weighting
     if key == "weighting.mode" and cfg.objective == "base":
+        return "-"
+    if key in VARIANT_KEYS and (cfg.objective == "base" or not value):
         return "-"
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 

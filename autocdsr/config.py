@@ -1,99 +1,107 @@
 """Typed run configuration: dataclass defaults, an optional YAML file, then key=value overrides
 (OmegaConf does the merging and type checks). Unknown keys are an error listing the valid ones."""
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import List
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
+def opt(default, help, factory=False):
+    """A config field with its default and a one-line meaning (shown by `train --help`)."""
+    if factory:
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    path: str = ""            # folder or .inter file; empty = the synthetic default
-    name: str = ""            # NAME of NAME.{train,valid,test}.inter inside a folder
-    split: str = "loo"        # loo | files
-    max_len: int = 50
-    mask_prob: float = 0.15   # BERT4Rec cloze masking
-    train_windows: bool = False  # train on every max_len window of a user, not only the last
-    mask_domain: str = "target"  # target: a [MASK] keeps its item's domain | hidden: wildcard
-    domains: List[int] = field(default_factory=list)         # keep only these domains' events
-    target_domains: List[int] = field(default_factory=list)  # evaluate only these targets
-    synthetic_users: int = 3000
-    synthetic_spurious: bool = True  # false: the control without the train-only shortcut
+    path: str = opt("", "folder or .inter file; empty = the synthetic default")
+    name: str = opt("", "NAME of NAME.{train,valid,test}.inter inside a folder")
+    split: str = opt("loo", "loo | files")
+    max_len: int = opt(50, "the most recent events a model reads")
+    mask_prob: float = opt(0.15, "BERT4Rec cloze masking")
+    train_windows: bool = opt(False, "train on every max_len window of a user, not only the last")
+    mask_domain: str = opt("target", "target: a [MASK] keeps its item's domain | hidden: wildcard")
+    domains: List[int] = opt(list, "keep only these domains' events", factory=True)
+    target_domains: List[int] = opt(list, "evaluate only these targets", factory=True)
+    synthetic_users: int = opt(3000, "users of the synthetic default data")
+    synthetic_spurious: bool = opt(True, "false: the control without the train-only shortcut")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "sasrec"      # sasrec | bert4rec
-    layers: int = 2
-    heads: int = 2
-    hidden: int = 64
-    dropout: float = 0.1
-    head_dim: int = 0         # attention head width; 0 = hidden / heads
-    ffn_hidden: int = 0       # feed-forward width; 0 = 4 x hidden
-    item_bias: str = "none"   # none | zero | log_count: a learned per-item score offset
-    bottleneck_tokens: int = 0     # AutoCDSR+: > 0 prepends learned IB tokens
-    bottleneck_layers: int = -1    # -1 = half of the layers
+    arch: str = opt("sasrec", "sasrec | bert4rec")
+    layers: int = opt(2, "transformer blocks")
+    heads: int = opt(2, "attention heads")
+    hidden: int = opt(64, "embedding and hidden width")
+    dropout: float = opt(0.1, "dropout after embeddings, attention and FFN")
+    head_dim: int = opt(0, "attention head width; 0 = hidden / heads")
+    ffn_hidden: int = opt(0, "feed-forward width; 0 = 4 x hidden")
+    item_bias: str = opt("none", "none | zero | log_count: a learned per-item score offset")
+    bottleneck_tokens: int = opt(0, "AutoCDSR+: > 0 prepends learned IB tokens")
+    bottleneck_layers: int = opt(-1, "-1 = half of the layers")
 
 
 @dataclass
 class WeightingConfig:
-    mode: str = "pareto"      # pareto | mgda | fixed | none
-    lam: float = 0.1          # for mode=fixed
-    every: int = 1            # reuse lambda for N steps
-    shared: str = "reached"   # reached | all_but_items | all: the Gram matrix's parameters
-    layers: List[int] = field(default_factory=list)  # layers whose mass enters L_cd; [] = all
-    per_domain: bool = False  # one L_cd and one lambda per query domain
-    gate: bool = False        # lambda = 0 on steps where the two gradients conflict (cos < 0)
-    log_every: int = 50       # steps between device->host copies of lambda / cosine
+    mode: str = opt("pareto", "pareto | mgda | fixed | none")
+    lam: float = opt(0.1, "for mode=fixed")
+    every: int = opt(1, "reuse lambda for N steps")
+    shared: str = opt("reached", "reached | all_but_items | all: the Gram matrix's parameters")
+    layers: List[int] = opt(list, "layers whose mass enters L_cd; [] = all", factory=True)
+    per_domain: bool = opt(False, "one L_cd and one lambda per query domain")
+    gate: bool = opt(False, "lambda = 0 on steps where the two gradients conflict (cos < 0)")
+    log_every: int = opt(50, "steps between device->host copies of lambda / cosine")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"      # auto | cpu | cuda
-    loss: str = "full"        # full | sampled | inbatch | inbatch_official
-    logits: str = "dot"       # full / sampled: dot | cosine (cos / temperature)
-    temperature: float = 0.1  # for logits=cosine
-    num_negatives: int = 1000  # sampled softmax
-    patience: int = 3          # early stopping, in epochs without a better valid metric
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch
-    max_bad_steps: int = 20     # non-finite steps in a row before the run stops
-    checkpoint_every: int = 0   # also write last.pt every N steps (0 = at each epoch end)
-    compile: bool = False       # run the whole step compiled (torch.compile, fullgraph)
-    cuda_graph: bool = False    # capture the whole step as CUDA graphs and replay them
-    prefetch: int = 2           # batches built ahead on a background thread (0 = none)
+    epochs: int = opt(10, "training epochs (fewer with early stopping)")
+    batch_size: int = opt(128, "sequences per step (the global batch under torchrun)")
+    lr: float = opt(1e-3, "AdamW peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    warmup_steps: int = opt(100, "linear warm-up (at most a tenth of all steps), then linear decay to 10 %")
+    grad_clip: float = opt(1.0, "clip the update's global norm to this")
+    seed: int = opt(0, "seeds weights, batches, dropout and the evaluation negatives")
+    device: str = opt("auto", "auto | cpu | cuda")
+    loss: str = opt("full", "full | sampled | inbatch | inbatch_official")
+    logits: str = opt("dot", "full / sampled: dot | cosine (cos / temperature)")
+    temperature: float = opt(0.1, "for logits=cosine")
+    num_negatives: int = opt(1000, "sampled softmax")
+    patience: int = opt(3, "early stopping, in epochs without a better valid metric")
+    max_steps_per_epoch: int = opt(0, "0 = the whole epoch")
+    max_bad_steps: int = opt(20, "non-finite steps in a row before the run stops")
+    checkpoint_every: int = opt(0, "also write last.pt every N steps (0 = at each epoch end)")
+    compile: bool = opt(False, "run the whole step compiled (torch.compile, fullgraph)")
+    cuda_graph: bool = opt(False, "capture the whole step as CUDA graphs and replay them")
+    prefetch: int = opt(2, "batches built ahead on a background thread (0 = none)")
 
 
 @dataclass
 class EvalConfig:
-    protocol: str = "full"    # full | uni100_vocab | uni999_domain
-    ks: List[int] = field(default_factory=lambda: [5, 10, 20])
-    batch_size: int = 256
-    metric: str = "NDCG@10"   # early-stopping metric on the validation split
+    protocol: str = opt("full", "full | uni100_vocab | uni999_domain")
+    ks: List[int] = opt(lambda: [5, 10, 20], "cut-offs K of HR@K and NDCG@K", factory=True)
+    batch_size: int = opt(256, "evaluation rows per batch")
+    metric: str = opt("NDCG@10", "early-stopping metric on the validation split")
 
 
 @dataclass
 class AttentionConfig:
-    backend: str = "auto"     # auto | reference | sdpa | triton
+    backend: str = opt("auto", "auto | reference | sdpa | triton")
 
 
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: str = "base"   # base | autocdsr | autocdsr_plus
+    objective: str = opt("base", "base | autocdsr | autocdsr_plus")
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
-    run_dir: str = "runs/latest"
+    run_dir: str = opt("runs/latest", "where config.yaml, metrics.json, best.pt, last.pt go")
 
 
 CHOICES = {
@@ -129,16 +137,50 @@ def valid_keys(node=None, prefix=""):
     return keys
 
 
+def key_help(cls=Config, prefix=""):
+    """[(dotted key, default, meaning)] of every config key, from the dataclass definitions."""
+    rows = []
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            rows += key_help(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+    return rows
+
+
+def keys_text():
+    """The override keys as a table for --help: key=default and the meaning."""
+    rows = [(f"{key}={_show(default)}", meaning) for key, default, meaning in key_help()]
+    width = max(len(left) for left, _ in rows)
+    return "\n".join(f"  {left:<{width}}  {meaning}" for left, meaning in rows)
+
+
+def _show(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _unknown_key(key, source=""):
+    near = difflib.get_close_matches(key, valid_keys(), n=2, cutoff=0.8)
+    hint = f" Did you mean {' or '.join(near)}?" if near else ""
+    where = f"{source}: " if source else ""
+    return ConfigError(f"{where}unknown config key '{key}'.{hint} (`autocdsr train --help` "
+                       "lists every key with its default)")
+
+
 def _merge(base, other, source):
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
-        key = getattr(err, "full_key", "") or str(err)
-        raise ConfigError(f"{source}: unknown config key '{key}'. Valid keys: "
-                          f"{', '.join(valid_keys())}") from None
+        raise _unknown_key(getattr(err, "full_key", "") or str(err), source) from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "")
-        raise ConfigError(f"{source}: bad value for '{key}': {err.msg if hasattr(err, 'msg') else err}") from None
+        message = str(getattr(err, "msg", err)).strip().splitlines()[0]
+        raise ConfigError(f"{source}: bad value for '{key}': {message}") from None
 
 
 def load_config(config_file=None, overrides=(), base=None):
@@ -155,11 +197,11 @@ def load_config(config_file=None, overrides=(), base=None):
         cfg = _merge(cfg, file_cfg, config_file)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value. Valid keys: "
-                              f"{', '.join(valid_keys())}")
+            raise ConfigError(f"override '{item}' must look like key=value "
+                              "(`autocdsr train --help` lists the keys)")
         key = item.split("=", 1)[0]
         if key not in valid_keys():
-            raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(valid_keys())}")
+            raise _unknown_key(key)
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     check_config(cfg)
     return cfg

@@ -13,7 +13,8 @@ def test_yaml_then_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.depth=3"], "unknown config key 'model.depth'. Valid keys: data.path"),
+    (["model.depth=3"], r"unknown config key 'model.depth'. \(`autocdsr train --help`"),
+    (["model.archh=bert4rec"], "unknown config key 'model.archh'. Did you mean model.arch\\?"),
     (["train.epochs=many"], "train.epochs"),
     (["model.arch=gru"], "model.arch must be one of sasrec, bert4rec"),
     (["train.batch_size=0"], "train.batch_size must be >= 1"),
@@ -27,6 +28,22 @@ def test_yaml_then_overrides(tmp_path):
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_a_wrong_type_is_one_clear_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epochs=ten"])
+    assert str(err.value).count("\n") == 0 and "train.epochs" in str(err.value)
+
+
+def test_train_help_lists_every_key_with_its_default_and_meaning():
+    from autocdsr.config import key_help, keys_text, valid_keys
+    rows = key_help()
+    assert [key for key, _, _ in rows] == valid_keys()
+    assert all(meaning for _, _, meaning in rows)  # every key says what it is
+    text = keys_text()
+    assert "train.epochs=10" in text and "weighting.gate=false" in text
+    assert "eval.ks=[5,10,20]" in text
 
 
 def test_unknown_key_in_yaml(tmp_path):
