@@ -49,7 +49,7 @@ class WeightingConfig:
     mode: str = opt("pareto", "pareto | mgda | fixed | none")
     lam: float = opt(0.1, "for mode=fixed")
     every: int = opt(1, "reuse lambda for N steps")
-    shared: str = opt("reached", "reached | all_but_items | all: the Gram matrix's parameters")
+    shared: str = opt("reached", "reached | last_layer | all_but_items | all: the Gram matrix's parameters")
     layers: List[int] = opt(list, "layers whose mass enters L_cd; [] = all", factory=True)
     per_domain: bool = opt(False, "one L_cd and one lambda per query domain")
     gate: bool = opt(False, "lambda = 0 on steps where the two gradients conflict (cos < 0)")
@@ -110,7 +110,7 @@ CHOICES = {
     "objective": ("base", "autocdsr", "autocdsr_plus"),
     "weighting.mode": ("pareto", "mgda", "fixed", "none"),
     "data.mask_domain": ("target", "hidden"),
-    "weighting.shared": ("reached", "all_but_items", "all"),
+    "weighting.shared": ("reached", "last_layer", "all_but_items", "all"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.loss": ("full", "sampled", "inbatch", "inbatch_official"),
     "train.logits": ("dot", "cosine"),

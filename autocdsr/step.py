@@ -19,108 +19,14 @@ _foreach ops (adamw_update; torch.optim.AdamW.step breaks the graph by design, a
 compiler fuses the written-out update); eager with an optimizer built with fused=True, torch's
 fused AdamW kernel, whose found_inf input skips a non-finite step on the device.
 """
+from typing import NamedTuple
+
 import torch
 
-from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
-
+from .balancing import balanced_gradients, one_layer_balanced_gradients
 from .graph_step import CapturedStep
 from .losses import recommendation_loss
 from .objectives import cross_domain_loss, cross_domain_loss_per_domain, domain_query_counts
-
-
-def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, lookup=None,
-                       reduce=None, gate=False):
-    """(grads, lam, cosine, ok): the update direction of every parameter.
-
-    loss_cd is a 0-d L_cd (the official step: one lambda), or a [K] vector of cross-domain
-    losses (weighting.per_domain: one L_cd_d per query domain), each balanced against L_rec
-    by its own two-task problem; lam, cosine and ok then have the shape of loss_cd.
-
-    mode "none" (base): g_rec. solve=False: one pass of L_rec + sum_k lam_k L_cd_k (fixed
-    weighting, or lambdas reused from an earlier step). solve=True: g_rec, then each g_cd_k,
-    in 1 + K passes; lambda_k from the Gram matrix of (g_cd_k, g_rec) over params[gram_index];
-    the update g_rec + sum_k lambda_k g_cd_k, leaving out each k whose solver fell back (so a
-    NaN in g_cd_k never reaches the update). gate=True: lambda_k = 0 where the two gradients
-    conflict (cosine < 0), i.e. the penalty acts only where lowering L_cd_k does not raise
-    L_rec to first order.
-
-    lookup = (table index in params, items [B, L], item_vectors [B, L, H] = table[items]):
-    L_cd reaches the item table only through this lookup, so its gradient is taken with
-    respect to the [B, L, H] lookup output and added, times lambda, into the touched rows of
-    g_rec's table gradient (index_add): the cd passes never write a dense table gradient
-    and the combine never sweeps the table. (The table must then not be in the Gram set.)
-
-    reduce (data parallelism): returns summed-over-ranks copies of a tensor list; the Gram
-    matrices and the losses the solver sees are then the global ones, so every rank gets the
-    same lambdas. The returned gradients stay this rank's share (the caller sums them).
-    """
-    zero = torch.zeros(loss_cd.shape, device=loss_rec.device)
-    ok = torch.ones(loss_cd.shape, dtype=torch.bool, device=loss_rec.device)
-    if mode == "none":
-        return _materialise(torch.autograd.grad(loss_rec, params, allow_unused=True), params), \
-            zero, zero, ok
-    if not solve:
-        grads = torch.autograd.grad(loss_rec + (lam * loss_cd).sum(), params, allow_unused=True)
-        return _materialise(grads, params), lam, zero, ok
-    g_rec = _materialise(torch.autograd.grad(loss_rec, params, retain_graph=True,
-                                             allow_unused=True), params)
-    table = -1 if lookup is None else lookup[0]
-    others = [i for i in range(len(params)) if i != table]
-    wrt = [params[i] for i in others] + ([] if lookup is None else [lookup[2]])
-    tasks = loss_cd.reshape(-1).unbind()
-    g_cd, g_lookup = [], []  # per task: per-parameter gradients, the lookup's gradient
-    for k, task in enumerate(tasks):
-        g_wrt = torch.autograd.grad(task, wrt, retain_graph=k + 1 < len(tasks), allow_unused=True)
-        g_k = [None] * len(params)
-        for i, g in zip(others, g_wrt):
-            g_k[i] = g
-        g_cd.append(_materialise(g_k, params) if lookup is None else g_k)
-        g_lookup.append(None if lookup is None else g_wrt[-1])
-    shared_cd = [[g_k[i] if g_k[i] is not None else torch.zeros_like(params[i])
-                  for i in gram_index] for g_k in g_cd]
-    shared_rec = [g_rec[i] for i in gram_index]
-    losses = torch.cat([loss_cd.detach().float().reshape(-1), loss_rec.detach().float()[None]])
-    if reduce is not None:  # one flat all-reduce: every task's Gram part and the losses
-        n = len(gram_index)
-        summed = reduce([g for part in shared_cd for g in part] + shared_rec + [losses])
-        shared_cd = [summed[k * n:(k + 1) * n] for k in range(len(tasks))]
-        shared_rec, losses = summed[len(tasks) * n:-1], summed[-1]
-    gram, pair_losses = _pair_problems(gram_matrix(shared_cd + [shared_rec]), losses)
-    lam, ok = pareto_lambda(gram, pair_losses, mode)                    # [K], [K]
-    cosine = gradient_cosine(gram).float()
-    if gate:
-        lam = torch.where(cosine >= 0, lam, 0.0)
-    grads = list(g_rec)
-    for k, g_k in enumerate(g_cd):
-        dense = [i for i in range(len(params)) if g_k[i] is not None]
-        weighted = torch._foreach_mul([g_k[i] for i in dense], lam[k])
-        for i, w in zip(dense, weighted):
-            grads[i] = torch.where(ok[k], grads[i] + w, grads[i])
-    if lookup is not None and any(g is not None for g in g_lookup):
-        _, items, vectors = lookup
-        rows = 0.0
-        for k, g in enumerate(g_lookup):
-            if g is not None:
-                rows = rows + torch.where(ok[k], lam[k] * g, 0.0)
-        rows = torch.where((items != 0)[..., None], rows, 0.0)  # row 0 is padding (no gradient)
-        grads[table] = g_rec[table].index_add(0, items.reshape(-1),
-                                              rows.reshape(-1, vectors.shape[-1]).to(g_rec[table].dtype))
-    shape = loss_cd.shape
-    return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
-
-
-def _pair_problems(gram, losses):
-    """The K two-task problems (cd_k, rec) of a [K + 1, K + 1] Gram matrix whose last task is
-    rec, and losses [K + 1] in the same order: ([K, 2, 2] Gram matrices, [K, 2] losses)."""
-    rec = gram.shape[0] - 1
-    grams = [torch.stack([torch.stack([gram[k, k], gram[k, rec]]),
-                          torch.stack([gram[rec, k], gram[rec, rec]])]) for k in range(rec)]
-    return torch.stack(grams), torch.stack([torch.stack([losses[k], losses[rec]])
-                                            for k in range(rec)])
-
-
-def _materialise(grads, params):
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 def clip_scale(grads, max_norm):
@@ -170,6 +76,16 @@ def make_optimizer(model, train_cfg, fused=True):
     return torch.optim.AdamW(params, fused=True, **kw)
 
 
+class Forward(NamedTuple):
+    """What a step's forward pass hands to the gradients."""
+    loss_rec: torch.Tensor       # 0-d float32
+    loss_cd: torch.Tensor        # 0-d: the global L_cd (logged)
+    tasks: torch.Tensor          # what is balanced: L_cd, or [num_domains] L_cd_d
+    item_vectors: torch.Tensor   # the item-table lookup of the batch [B, L, H]
+    hidden: torch.Tensor         # the final hidden states the loss head reads
+    head: list                   # [(tensor, param index)] the head reads besides `hidden`
+
+
 class TrainStep:
     """model + torch.optim.AdamW (its state, hyper-parameters and scheduler) + the objective.
 
@@ -209,6 +125,9 @@ class TrainStep:
         self.table_index = next(i for i, p in enumerate(self.params)
                                 if p is model.item_embedding.weight)
         self.table_in_gram = self.table_index in self.gram_index
+        self.one_layer = shared == "last_layer"
+        self.bias_index = next((i for i, p in enumerate(self.params) if p is model.item_bias),
+                               None)
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) != 1 or group["params"] != self.params:
             raise ValueError("TrainStep needs one AdamW param group holding every trainable parameter")
@@ -245,9 +164,9 @@ class TrainStep:
 
     # ---------------------------------------------------------------- the traced function
     def losses(self, batch):
-        """(L_rec, L_cd, L_cd per task, item_vectors): item_vectors is the item-table lookup
-        of the batch; the per-task losses are [num_domains] with per_domain, else L_cd itself.
-        Under data parallelism the losses are this rank's share of the global ones."""
+        """The forward pass (a Forward): the per-task losses are [num_domains] with
+        per_domain, else L_cd itself. Under data parallelism the losses are this rank's share
+        of the global ones."""
         model, domains = self.model, batch["domains"]
         query_mask = model.cd_query_mask(domains)
         rec_count = cd_count = domain_counts = None
@@ -263,27 +182,35 @@ class TrainStep:
             item_vectors = model.item_embedding(batch["items"])
             hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"],
                                    item_vectors)
-            loss_rec = recommendation_loss(self.loss, hidden, model.item_weights(),
-                                           batch["targets"], batch["target_slots"],
-                                           batch["target_weight"], **self.loss_kwargs,
-                                           denominator=rec_count, bias=model.item_biases())
+            weights, bias = model.item_weights(), model.item_biases()
+            loss_rec = recommendation_loss(self.loss, hidden, weights, batch["targets"],
+                                           batch["target_slots"], batch["target_weight"],
+                                           **self.loss_kwargs, denominator=rec_count, bias=bias)
+        head = [(weights, self.table_index)] + ([] if bias is None else [(bias, self.bias_index)])
         masses = model.objective_masses(masses, self.layers)  # float32
         loss_cd = cross_domain_loss(masses, query_mask, denominator=cd_count)
         tasks = loss_cd
         if self.num_tasks:
             tasks = cross_domain_loss_per_domain(masses, query_mask, domains, self.num_tasks,
                                                  domain_counts)
-        return loss_rec.float(), loss_cd, tasks, item_vectors
+        return Forward(loss_rec.float(), loss_cd, tasks, item_vectors, hidden, head)
 
     def gradients(self, batch, lam, solve):
         """(grads, clip scale, finite flag, scalars): everything but the parameter update."""
-        loss_rec, loss_cd, tasks, item_vectors = self.losses(batch)
-        lookup = None if self.table_in_gram else (self.table_index, batch["items"], item_vectors)
+        fwd = self.losses(batch)
         distributed = self.comm is not None and self.comm.active
-        grads, lam, cosine, ok = balanced_gradients(
-            self.params, self.gram_index, loss_rec, tasks, self.mode, lam, solve, lookup,
-            self.comm.summed if distributed else None, self.gate)
-        loss_rec, loss_cd = loss_rec.detach(), loss_cd.detach()
+        reduce = self.comm.summed if distributed else None
+        if solve and self.one_layer and self.mode != "none":
+            grads, lam, cosine, ok = one_layer_balanced_gradients(
+                self.params, self.gram_index, fwd.loss_rec, fwd.tasks, fwd.hidden, fwd.head,
+                self.mode, reduce, self.gate)
+        else:
+            lookup = None if self.table_in_gram else (self.table_index, batch["items"],
+                                                      fwd.item_vectors)
+            grads, lam, cosine, ok = balanced_gradients(
+                self.params, self.gram_index, fwd.loss_rec, fwd.tasks, self.mode, lam, solve,
+                lookup, reduce, self.gate)
+        loss_rec, loss_cd = fwd.loss_rec.detach(), fwd.loss_cd.detach()
         if distributed:  # every gradient once, the two logged losses riding along
             losses = torch.stack([loss_rec, loss_cd])
             self.comm.sum_(grads + [losses])

@@ -15,7 +15,7 @@ from autocdsr.evaluate import _rank
 from autocdsr.losses import inbatch_official_loss, recommendation_loss
 from autocdsr.models import Recommender
 from autocdsr.objectives import cross_domain_loss
-from autocdsr.step import balanced_gradients
+from autocdsr.balancing import balanced_gradients
 from kernels import pareto
 from kernels import reference_pareto as ref
 from kernels.attention import triton_available

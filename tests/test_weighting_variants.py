@@ -102,7 +102,8 @@ def test_each_per_domain_lambda_is_the_official_solver_on_that_domains_gram_matr
     step.table_in_gram = True  # the dense path: g_cd of every parameter, to check the update
     grads, _, _, out = step.gradients(batch, step.lam, True)
     # the same quantities taken directly, one autograd pass per loss
-    loss_rec, _, tasks, _ = step.losses(batch)
+    fwd = step.losses(batch)
+    loss_rec, tasks = fwd.loss_rec, fwd.tasks
     params, gram_index = step.params, step.gram_index
     g_rec = torch.autograd.grad(loss_rec, params, retain_graph=True, allow_unused=True)
     g_rec = [torch.zeros_like(p) if g is None else g for g, p in zip(g_rec, params)]

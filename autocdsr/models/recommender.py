@@ -19,7 +19,7 @@ from kernels import WILDCARD_DOMAIN
 from .encoder import Encoder
 
 MASK_DOMAIN_MODES = ("target", "hidden")
-SHARED_SETS = ("reached", "all_but_items", "all")
+SHARED_SETS = ("reached", "last_layer", "all_but_items", "all")
 
 
 class Recommender(nn.Module):
@@ -112,6 +112,8 @@ class Recommender(nn.Module):
         reached: those the cross-domain loss depends on, without the item table (as the
           official code): embeddings, every block before the last mass layer (of
           mass_layers(layers)), and that layer's first norm and QKV projection;
+        last_layer: that last mass layer's first norm and QKV projection alone (the layer
+          where L_cd's gradient enters the network last; see autocdsr.balancing);
         all_but_items: every parameter but the item table; all: every parameter.
         """
         if shared not in SHARED_SETS:
@@ -122,6 +124,9 @@ class Recommender(nn.Module):
         if shared == "all_but_items":
             return [p for p in self.parameters() if p.requires_grad and p is not table]
         last = self.mass_layers(layers)[-1]
+        if shared == "last_layer":
+            return [p for m in self.encoder.blocks[last].mass_inputs() for p in m.parameters()
+                    if p.requires_grad]
         modules = [self.encoder.position_embedding, *self.encoder.blocks[:last],
                    *self.encoder.blocks[last].mass_inputs()]
         reached = [p for m in modules for p in m.parameters()]

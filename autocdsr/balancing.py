@@ -1,0 +1,163 @@
+"""Balancing L_rec against the cross-domain loss(es): the gradients of the balanced step.
+
+Two ways to the same update g_rec + sum_k lambda_k g_cd_k, with lambda_k solved on a Gram set
+of parameters:
+- balanced_gradients: g_rec and every g_cd_k in full backward passes (1 + K), the Gram
+  matrix over any set (the official `reached` set by default), then the combine;
+- one_layer_balanced_gradients (weighting.shared=last_layer): the Gram set is the first norm
+  and QKV projection of the last layer whose mass enters L_cd. L_rec's gradient at the final
+  hidden states is taken once; continued down to that layer it gives g_rec there; L_cd_k
+  reaches it through that layer's attention alone; lambda is solved; then one backward of
+  L_rec + sum_k lambda_k L_cd_k from the hidden states' gradient and the masses gives every
+  parameter's update. No second full backward, no repeated loss-head backward.
+"""
+import torch
+import torch.nn.functional as F
+
+from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
+
+
+def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, lookup=None,
+                       reduce=None, gate=False):
+    """(grads, lam, cosine, ok): the update direction of every parameter.
+
+    loss_cd is a 0-d L_cd (the official step: one lambda), or a [K] vector of cross-domain
+    losses (weighting.per_domain: one L_cd_d per query domain), each balanced against L_rec
+    by its own two-task problem; lam, cosine and ok then have the shape of loss_cd.
+
+    mode "none" (base): g_rec. solve=False: one pass of L_rec + sum_k lam_k L_cd_k (fixed
+    weighting, or lambdas reused from an earlier step). solve=True: g_rec, then each g_cd_k,
+    in 1 + K passes; lambda_k from the Gram matrix of (g_cd_k, g_rec) over params[gram_index];
+    the update g_rec + sum_k lambda_k g_cd_k, leaving out each k whose solver fell back (so a
+    NaN in g_cd_k never reaches the update). gate=True: lambda_k = 0 where the two gradients
+    conflict (cosine < 0), i.e. the penalty acts only where lowering L_cd_k does not raise
+    L_rec to first order.
+
+    lookup = (table index in params, items [B, L], item_vectors [B, L, H] = table[items]):
+    L_cd reaches the item table only through this lookup, so its gradient is taken with
+    respect to the [B, L, H] lookup output and added, times lambda, into the touched rows of
+    g_rec's table gradient (index_add): the cd passes never write a dense table gradient
+    and the combine never sweeps the table. (The table must then not be in the Gram set.)
+
+    reduce (data parallelism): returns summed-over-ranks copies of a tensor list; the Gram
+    matrices and the losses the solver sees are then the global ones, so every rank gets the
+    same lambdas. The returned gradients stay this rank's share (the caller sums them).
+    """
+    zero = torch.zeros(loss_cd.shape, device=loss_rec.device)
+    ok = torch.ones(loss_cd.shape, dtype=torch.bool, device=loss_rec.device)
+    if mode == "none":
+        return _materialise(torch.autograd.grad(loss_rec, params, allow_unused=True), params), \
+            zero, zero, ok
+    if not solve:
+        grads = torch.autograd.grad(loss_rec + (lam * loss_cd).sum(), params, allow_unused=True)
+        return _materialise(grads, params), lam, zero, ok
+    g_rec = _materialise(torch.autograd.grad(loss_rec, params, retain_graph=True,
+                                             allow_unused=True), params)
+    table = -1 if lookup is None else lookup[0]
+    others = [i for i in range(len(params)) if i != table]
+    wrt = [params[i] for i in others] + ([] if lookup is None else [lookup[2]])
+    tasks = loss_cd.reshape(-1).unbind()
+    g_cd, g_lookup = [], []  # per task: per-parameter gradients, the lookup's gradient
+    for k, task in enumerate(tasks):
+        g_wrt = torch.autograd.grad(task, wrt, retain_graph=k + 1 < len(tasks), allow_unused=True)
+        g_k = [None] * len(params)
+        for i, g in zip(others, g_wrt):
+            g_k[i] = g
+        g_cd.append(_materialise(g_k, params) if lookup is None else g_k)
+        g_lookup.append(None if lookup is None else g_wrt[-1])
+    shared_cd = [[g_k[i] if g_k[i] is not None else torch.zeros_like(params[i])
+                  for i in gram_index] for g_k in g_cd]
+    shared_rec = [g_rec[i] for i in gram_index]
+    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce, gate)
+    grads = list(g_rec)
+    for k, g_k in enumerate(g_cd):
+        dense = [i for i in range(len(params)) if g_k[i] is not None]
+        weighted = torch._foreach_mul([g_k[i] for i in dense], lam[k])
+        for i, w in zip(dense, weighted):
+            grads[i] = torch.where(ok[k], grads[i] + w, grads[i])
+    if lookup is not None and any(g is not None for g in g_lookup):
+        _, items, vectors = lookup
+        rows = 0.0
+        for k, g in enumerate(g_lookup):
+            if g is not None:
+                rows = rows + torch.where(ok[k], lam[k] * g, 0.0)
+        rows = torch.where((items != 0)[..., None], rows, 0.0)  # row 0 is padding (no gradient)
+        grads[table] = g_rec[table].index_add(0, items.reshape(-1),
+                                              rows.reshape(-1, vectors.shape[-1]).to(g_rec[table].dtype))
+    shape = loss_cd.shape
+    return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
+
+
+def one_layer_balanced_gradients(params, gram_index, loss_rec, loss_cd, hidden, head, mode,
+                                 reduce=None, gate=False):
+    """(grads, lam, cosine, ok) as balanced_gradients, with the Gram set params[gram_index]
+    lying in one layer that every mass of L_cd reaches last (its first norm and QKV).
+
+    hidden: the final hidden states L_rec reads; head: [(tensor, index)] the tensors the loss
+    head reads directly besides `hidden` (the item table's scoring rows, the item bias) and
+    the index in params of the parameter each is the leading rows of.
+
+    A non-finite L_cd_k cannot be left out of the single backward (0 x NaN is NaN): the
+    update is then non-finite and the step is skipped by the caller's finite check, where the
+    two-pass step would fall back to g_rec.
+    """
+    head_tensors = [t for t, _ in head]
+    first = torch.autograd.grad(loss_rec, [hidden] + head_tensors, retain_graph=True,
+                                allow_unused=True)
+    d_hidden, d_head = first[0], first[1:]
+    gram_params = [params[i] for i in gram_index]
+    shared_rec = _materialise(torch.autograd.grad(hidden, gram_params, d_hidden,
+                                                  retain_graph=True, allow_unused=True),
+                              gram_params)
+    tasks = loss_cd.reshape(-1).unbind()
+    shared_cd = [_materialise(torch.autograd.grad(task, gram_params, retain_graph=True,
+                                                  allow_unused=True), gram_params)
+                 for task in tasks]
+    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce, gate)
+    weights = torch.where(ok, lam, 0.0).to(loss_cd.dtype)
+    grads = _materialise(torch.autograd.grad([hidden, *tasks], params,
+                                             [d_hidden, *weights.unbind()], allow_unused=True),
+                         params)
+    for (tensor, index), g in zip(head, d_head):
+        if g is not None:  # the head reads the leading rows of its parameter
+            rows = params[index].shape[0] - g.shape[0]
+            grads[index] = grads[index] + (F.pad(g, (0, 0) * (g.dim() - 1) + (0, rows))
+                                           if rows else g)
+    shape = loss_cd.shape
+    return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
+
+
+def solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce=None, gate=False):
+    """(lam, cosine, ok), each [K]: the K two-task problems (L_cd_k, L_rec) solved on the Gram
+    set. shared_cd: K lists of per-parameter gradients over the Gram set, shared_rec: one.
+    reduce (data parallelism): the Gram parts and the losses are summed over the ranks in one
+    flat all-reduce first, so every rank solves the same global problems. gate: lambda_k = 0
+    where the two gradients conflict (cosine < 0)."""
+    losses = torch.cat([loss_cd.detach().float().reshape(-1), loss_rec.detach().float()[None]])
+    if reduce is not None:
+        n, tasks = len(shared_rec), len(shared_cd)
+        summed = reduce([g for part in shared_cd for g in part] + shared_rec + [losses])
+        shared_cd = [summed[k * n:(k + 1) * n] for k in range(tasks)]
+        shared_rec, losses = summed[tasks * n:-1], summed[-1]
+    gram, pair_losses = _pair_problems(gram_matrix(shared_cd + [shared_rec]), losses)
+    lam, ok = pareto_lambda(gram, pair_losses, mode)
+    cosine = gradient_cosine(gram).float()
+    if gate:
+        lam = torch.where(cosine >= 0, lam, 0.0)
+    return lam, cosine, ok
+
+
+def _pair_problems(gram, losses):
+    """The K two-task problems (cd_k, rec) of a [K + 1, K + 1] Gram matrix whose last task is
+    rec, and losses [K + 1] in the same order: ([K, 2, 2] Gram matrices, [K, 2] losses)."""
+    rec = gram.shape[0] - 1
+    grams = [torch.stack([torch.stack([gram[k, k], gram[k, rec]]),
+                          torch.stack([gram[rec, k], gram[rec, rec]])]) for k in range(rec)]
+    return torch.stack(grams), torch.stack([torch.stack([losses[k], losses[rec]])
+                                            for k in range(rec)])
+
+
+def _materialise(grads, params):
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
