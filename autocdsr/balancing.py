@@ -5,11 +5,11 @@ of parameters:
 - balanced_gradients: g_rec and every g_cd_k in full backward passes (1 + K), the Gram
   matrix over any set (the official `reached` set by default), then the combine;
 - one_layer_balanced_gradients (weighting.shared=last_layer): the Gram set is the first norm
-  and QKV projection of the last layer whose mass enters L_cd. L_rec's gradient at the final
-  hidden states is taken once; continued down to that layer it gives g_rec there; L_cd_k
-  reaches it through that layer's attention alone; lambda is solved; then one backward of
-  L_rec + sum_k lambda_k L_cd_k from the hidden states' gradient and the masses gives every
-  parameter's update. No second full backward, no repeated loss-head backward.
+  and QKV projection of block l, the last layer whose mass enters L_cd, and the one backward
+  pass is cut at block l's input: L_rec's backward above it gives g_rec on the Gram set,
+  L_cd_k reaches the Gram set through block l's attention alone, lambda is solved, and the
+  backward below block l carries L_rec + sum_k lambda_k L_cd_k. The cost over a base step is
+  one attention backward of block l; no second full backward, no repeated loss-head backward.
 """
 import torch
 import torch.nn.functional as F
@@ -88,42 +88,72 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
     return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
 
 
-def one_layer_balanced_gradients(params, gram_index, loss_rec, loss_cd, hidden, head, mode,
-                                 reduce=None, gate=False):
-    """(grads, lam, cosine, ok) as balanced_gradients, with the Gram set params[gram_index]
-    lying in one layer that every mass of L_cd reaches last (its first norm and QKV).
+def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, tasks, tasks_below,
+                                 hidden, block_input, head, mode, reduce=None, gate=False):
+    """(grads, lam, cosine, ok) as balanced_gradients, at about the cost of one backward
+    pass: the Gram set params[gram_index] is the first norm and QKV of block l, the last
+    layer whose mass enters L_cd, and the backward is cut at block l's input x_l.
+
+    1. L_rec backward from the top to x_l: the gradients of every parameter at or above x_l
+       (params[above_index], the Gram set among them; L_cd does not reach the others), of the
+       head's own reads, and d x_l from L_rec.
+    2. Each L_cd_k backward to the Gram set and x_l: one attention backward of layer l (its
+       mass is the only part of L_cd that reaches them).
+    3. lambda_k from the Gram matrices (g_cd_k, g_rec) over the Gram set.
+    4. One backward below x_l of d x_l(L_rec) + sum_k lambda_k d x_l(L_cd_k), together with
+       lambda_k times tasks_below (L_cd_k's terms of the layers under l, or None).
 
     hidden: the final hidden states L_rec reads; head: [(tensor, index)] the tensors the loss
     head reads directly besides `hidden` (the item table's scoring rows, the item bias) and
     the index in params of the parameter each is the leading rows of.
 
-    A non-finite L_cd_k cannot be left out of the single backward (0 x NaN is NaN): the
-    update is then non-finite and the step is skipped by the caller's finite check, where the
+    A non-finite L_cd_k cannot be left out of the backward below x_l (0 x NaN is NaN): the
+    update is then non-finite and the caller's finite check skips the step, where the
     two-pass step would fall back to g_rec.
     """
     head_tensors = [t for t, _ in head]
-    first = torch.autograd.grad(loss_rec, [hidden] + head_tensors, retain_graph=True,
-                                allow_unused=True)
-    d_hidden, d_head = first[0], first[1:]
+    above = [params[i] for i in above_index]
+    first = torch.autograd.grad(loss_rec, [block_input, *head_tensors, *above],
+                                retain_graph=True, allow_unused=True)
+    d_x_rec, d_head, g_above = first[0], first[1:1 + len(head)], first[1 + len(head):]
+    g_above = _materialise(g_above, above)
+    where = {index: n for n, index in enumerate(above_index)}
     gram_params = [params[i] for i in gram_index]
-    shared_rec = _materialise(torch.autograd.grad(hidden, gram_params, d_hidden,
-                                                  retain_graph=True, allow_unused=True),
-                              gram_params)
-    tasks = loss_cd.reshape(-1).unbind()
-    shared_cd = [_materialise(torch.autograd.grad(task, gram_params, retain_graph=True,
-                                                  allow_unused=True), gram_params)
-                 for task in tasks]
-    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce, gate)
-    weights = torch.where(ok, lam, 0.0).to(loss_cd.dtype)
-    grads = _materialise(torch.autograd.grad([hidden, *tasks], params,
-                                             [d_hidden, *weights.unbind()], allow_unused=True),
-                         params)
+    shared_rec = [g_above[where[i]] for i in gram_index]
+    shared_cd, d_x_cd = [], []
+    for task in tasks.reshape(-1).unbind():
+        part = torch.autograd.grad(task, [*gram_params, block_input], retain_graph=True,
+                                   allow_unused=True)
+        shared_cd.append(_materialise(part[:-1], gram_params))
+        d_x_cd.append(part[-1])
+    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, tasks, loss_rec, mode, reduce, gate)
+    weights = torch.where(ok, lam, 0.0)
+    grads = [None] * len(params)
+    for n, index in enumerate(above_index):
+        grads[index] = g_above[n]
+    for k, part in enumerate(shared_cd):
+        for n, index in enumerate(gram_index):
+            grads[index] = grads[index] + weights[k] * part[n]
+    d_x = d_x_rec
+    for k, g in enumerate(d_x_cd):
+        if g is not None:
+            d_x = d_x + (weights[k] * g).to(d_x.dtype)
+    below_index = [i for i in range(len(params)) if i not in where]
+    outputs, seeds = [block_input], [d_x]
+    if tasks_below is not None:
+        outputs += list(tasks_below.reshape(-1).unbind())
+        seeds += list(weights.to(tasks_below.dtype).unbind())
+    g_below = torch.autograd.grad(outputs, [params[i] for i in below_index], seeds,
+                                  allow_unused=True)
+    for index, g in zip(below_index, g_below):
+        grads[index] = g
+    grads = _materialise(grads, params)
     for (tensor, index), g in zip(head, d_head):
         if g is not None:  # the head reads the leading rows of its parameter
             rows = params[index].shape[0] - g.shape[0]
             grads[index] = grads[index] + (F.pad(g, (0, 0) * (g.dim() - 1) + (0, rows))
                                            if rows else g)
-    shape = loss_cd.shape
+    shape = tasks.shape
     return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
 
 

@@ -84,6 +84,8 @@ class Forward(NamedTuple):
     item_vectors: torch.Tensor   # the item-table lookup of the batch [B, L, H]
     hidden: torch.Tensor         # the final hidden states the loss head reads
     head: list                   # [(tensor, param index)] the head reads besides `hidden`
+    block_input: torch.Tensor = None  # last_layer: the input of the last mass layer's block
+    tasks_below: torch.Tensor = None  # last_layer: the tasks' terms of the layers below it
 
 
 class TrainStep:
@@ -126,6 +128,8 @@ class TrainStep:
                                 if p is model.item_embedding.weight)
         self.table_in_gram = self.table_index in self.gram_index
         self.one_layer = shared == "last_layer"
+        above = {id(p) for p in model.parameters_from(self.layers[-1])}
+        self.above_index = [i for i, p in enumerate(self.params) if id(p) in above]
         self.bias_index = next((i for i, p in enumerate(self.params) if p is model.item_bias),
                                None)
         group = optimizer.param_groups[0]
@@ -180,20 +184,31 @@ class TrainStep:
         with torch.autocast(batch["items"].device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None, cache_enabled=not self.cuda_graph):
             item_vectors = model.item_embedding(batch["items"])
+            block_inputs = [] if self.one_layer else None
             hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"],
-                                   item_vectors)
+                                   item_vectors, block_inputs)
             weights, bias = model.item_weights(), model.item_biases()
             loss_rec = recommendation_loss(self.loss, hidden, weights, batch["targets"],
                                            batch["target_slots"], batch["target_weight"],
                                            **self.loss_kwargs, denominator=rec_count, bias=bias)
         head = [(weights, self.table_index)] + ([] if bias is None else [(bias, self.bias_index)])
-        masses = model.objective_masses(masses, self.layers)  # float32
-        loss_cd = cross_domain_loss(masses, query_mask, denominator=cd_count)
-        tasks = loss_cd
-        if self.num_tasks:
-            tasks = cross_domain_loss_per_domain(masses, query_mask, domains, self.num_tasks,
-                                                 domain_counts)
-        return Forward(loss_rec.float(), loss_cd, tasks, item_vectors, hidden, head)
+        def balanced(layers):  # what the solver balances, over these layers' masses
+            chosen = model.objective_masses(masses, layers)  # float32
+            if self.num_tasks:
+                return cross_domain_loss_per_domain(chosen, query_mask, domains, self.num_tasks,
+                                                    domain_counts)
+            return cross_domain_loss(chosen, query_mask, denominator=cd_count)
+
+        loss_cd = cross_domain_loss(model.objective_masses(masses, self.layers), query_mask,
+                                    denominator=cd_count)
+        tasks = balanced(self.layers)
+        block_input = tasks_below = None
+        if self.one_layer:
+            block_input, below = block_inputs[self.layers[-1]], self.layers[:-1]
+            # L_cd is a mean over its layers: the lower layers' share of it
+            tasks_below = balanced(below) * (len(below) / len(self.layers)) if below else None
+        return Forward(loss_rec.float(), loss_cd, tasks, item_vectors, hidden, head,
+                       block_input, tasks_below)
 
     def gradients(self, batch, lam, solve):
         """(grads, clip scale, finite flag, scalars): everything but the parameter update."""
@@ -202,8 +217,9 @@ class TrainStep:
         reduce = self.comm.summed if distributed else None
         if solve and self.one_layer and self.mode != "none":
             grads, lam, cosine, ok = one_layer_balanced_gradients(
-                self.params, self.gram_index, fwd.loss_rec, fwd.tasks, fwd.hidden, fwd.head,
-                self.mode, reduce, self.gate)
+                self.params, self.gram_index, self.above_index, fwd.loss_rec, fwd.tasks,
+                fwd.tasks_below, fwd.hidden, fwd.block_input, fwd.head, self.mode, reduce,
+                self.gate)
         else:
             lookup = None if self.table_in_gram else (self.table_index, batch["items"],
                                                       fwd.item_vectors)

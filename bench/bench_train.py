@@ -34,15 +34,28 @@ PAPER_SHAPES = ((16, 800), (64, 200))
 # The same at hidden 32 split into 2 heads of 16 with the default 4x feed-forward: the shape
 # the previous version of this project could run (before/after comparisons on the CPU).
 PAPER_D16 = dict(PAPER, heads=2, head_dim=0, ffn=0)
-PAPER_CASES = [("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "autocdsr_plus")]
+# "_last": the same objective with weighting.shared=last_layer (the one-layer Gram set and one
+# combined backward) instead of the official `reached` set with two full backward passes
+PAPER_CASES = [("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "autocdsr_last"),
+               ("bert4rec", "autocdsr_plus"), ("bert4rec", "autocdsr_plus_last")]
 # --reuse: the steps between two solver steps under weighting.every=N (lambda reused: one
 # backward pass of L_rec + lambda L_cd). A step amortised over N is (solve + (N-1) reuse) / N.
 REUSE_CASES = [("bert4rec", "autocdsr_reuse"), ("bert4rec", "autocdsr_plus_reuse")]
 
 
-DEFAULT_CASES = [("sasrec", "base"), ("sasrec", "autocdsr"), ("sasrec", "paper_autocdsr"),
-                 ("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "paper_autocdsr"),
-                 ("bert4rec", "autocdsr_plus")]
+DEFAULT_CASES = [("sasrec", "base"), ("sasrec", "autocdsr"), ("sasrec", "autocdsr_last"),
+                 ("sasrec", "paper_autocdsr"), ("bert4rec", "base"), ("bert4rec", "autocdsr"),
+                 ("bert4rec", "autocdsr_last"), ("bert4rec", "paper_autocdsr"),
+                 ("bert4rec", "autocdsr_plus"), ("bert4rec", "autocdsr_plus_last")]
+
+
+def gram_set(objective):
+    """The Gram set a case's solver steps use (its rows carry it as `shared`)."""
+    if objective == "base" or objective.endswith("_reuse"):
+        return "-"
+    if objective == "paper_autocdsr":
+        return "reached (host solver)"
+    return "last_layer" if objective.endswith("_last") else "reached"
 
 
 def make_batch(arch, size, device, seed=0):
@@ -104,6 +117,7 @@ def step_fn(model, batch, objective, loss_kind, mode="eager"):
                            cuda_graph=mode == "graph",
                            objective="base" if objective == "base" else "autocdsr",
                            every=10**9 if objective.endswith("_reuse") else 1,
+                           shared="last_layer" if objective.endswith("_last") else "reached",
                            amp_dtype=torch.bfloat16 if batch["items"].is_cuda else None)
     return lambda: train_step(batch)
 
@@ -159,7 +173,7 @@ def run(device, size, backends, loss_kind="full", cases=None, modes=("eager",), 
                     group, interleaved_wall_times_ms(steps, device, size["steps"]), peaks):
                 median, p20, p80 = quantiles(times)
                 row = {"backend": backend, "mode": mode, "arch": arch, "objective": objective,
-                       "ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mib": peak}
+                       "shared": gram_set(objective), "ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mib": peak}
                 rows.append(row)
                 log(json.dumps(row))
             del steps
@@ -193,12 +207,13 @@ def markdown(rows, device_name, size, loss_kind):
             f", {size['layers']} layers, {loss_kind} loss"
     lines = [f"Device: {device_name}. {shape}; ms per optimizer step (median [p20, p80], the "
              "cases of one backend and mode timed in interleaved rounds); ratio = vs the base model with the same arch, backend and mode.", "",
-             "| backend | mode | arch | objective | ms / step | peak MiB | ratio to base |",
-             "|---|---|---|---|---|---|---|"]
+             "| backend | mode | arch | objective | Gram set | ms / step | peak MiB | ratio to base |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         ratio = f"{r['ratio_to_base']:.2f}x" if r["ratio_to_base"] else "-"
         lines.append(f"| {r['backend']} | {r['mode']} | {r['arch']} | {r['objective']} | "
+                     f"{r.get('shared', '-')} | "
                      f"{r['ms_median']:.2f} [{r['ms_p20']:.2f}, {r['ms_p80']:.2f}] | {peak} | "
                      f"{ratio} |")
     spread = amortised(rows)

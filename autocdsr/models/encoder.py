@@ -78,11 +78,12 @@ class Encoder(nn.Module):
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def forward(self, items, domains, seq_lens, causal, item_vectors=None):
+    def forward(self, items, domains, seq_lens, causal, item_vectors=None, block_inputs=None):
         """Returns hidden [B, L, hidden] over the real positions and the list of per-layer
         masses [B, H, L], IB positions removed (their mass is 0 by definition).
         item_vectors: the item-table lookup of `items`, when the caller made it (to take a
-        gradient with respect to it rather than to the whole table)."""
+        gradient with respect to it rather than to the whole table). block_inputs: a list
+        that receives each block's input (the residual stream entering it)."""
         batch, length = items.shape
         positions = torch.arange(length, device=items.device)
         if item_vectors is None:
@@ -103,6 +104,8 @@ class Encoder(nn.Module):
             if nb and index == self.bottleneck_layers:
                 x, domains, seq_lens = x[:, nb:], domains[:, nb:], seq_lens - nb
                 nb = 0
+            if block_inputs is not None:
+                block_inputs.append(x)
             # the first layer checks the attention inputs; the later ones get the same kind
             x, mass = block(x, domains, seq_lens, causal, nb, check_inputs=index == 0)
             masses.append(mass[..., nb:])

@@ -60,9 +60,16 @@ class Recommender(nn.Module):
     def item_embedding(self):
         return self.encoder.item_embedding
 
-    def forward(self, items, domains, seq_lens, item_vectors=None):
-        """Hidden states [B, L, hidden] and the per-layer masses [B, H, L]."""
-        return self.encoder(items, domains, seq_lens, self.causal, item_vectors)
+    def forward(self, items, domains, seq_lens, item_vectors=None, block_inputs=None):
+        """Hidden states [B, L, hidden] and the per-layer masses [B, H, L] (block_inputs: a
+        list that receives each block's input)."""
+        return self.encoder(items, domains, seq_lens, self.causal, item_vectors, block_inputs)
+
+    def parameters_from(self, layer):
+        """The parameters used only at or above the input of block `layer`: blocks layer, ...
+        and the final norm (the item table, also read by the loss head, is not among them)."""
+        modules = [*self.encoder.blocks[layer:], self.encoder.norm]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def item_weights(self):
         """[num_items + 1, hidden] scoring table (row 0 = padding, never a valid answer)."""
