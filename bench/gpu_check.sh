@@ -17,7 +17,7 @@ cat "$out/device.txt"
 # xdist spreads the first-call kernel compilations over the CPU cores.
 timeout 150 python -m pytest -q -n 8 -p no:cacheprovider -m "gpu or not slow" \
     tests/test_kernels_triton_gpu.py tests/test_kernels_triton_interpret.py tests/test_pareto.py \
-    tests/test_step.py \
+    tests/test_step.py tests/test_one_layer_step.py \
     2>&1 | tee "$out/gpu_tests.log" | tail -15
 {
   timeout 70 python -m bench.bench_attention --device cuda --out "$out" --dtypes bf16 \
