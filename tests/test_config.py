@@ -56,3 +56,19 @@ def test_unknown_key_in_yaml(tmp_path):
 def test_autocdsr_plus_defaults_to_four_tokens():
     cfg = load_config(None, ["objective=autocdsr_plus", "model.arch=bert4rec"])
     assert cfg.model.bottleneck_tokens == 4
+
+
+def test_every_shipped_recipe_loads_and_passes_the_checks():
+    """configs/DATASET/BACKBONE.yaml: each recipe is a valid config whose backbone is the one
+    its file name says, and every objective can be set on top of it."""
+    import glob
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    recipes = sorted(glob.glob(os.path.join(root, "*", "*.yaml")))
+    assert len(recipes) >= 3
+    for path in recipes:
+        cfg = load_config(path, ["data.path=somewhere"])
+        assert cfg.model.arch == os.path.basename(path).removesuffix(".yaml")
+        objectives = ["autocdsr"] + (["autocdsr_plus"] if cfg.model.arch == "bert4rec" else [])
+        for objective in objectives:
+            load_config(path, [f"objective={objective}"])
