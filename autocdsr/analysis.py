@@ -32,8 +32,7 @@ def _labels(domains, num_domains):
 
 
 @torch.no_grad()
-def domain_pair_mass(model, data, split, max_len, hide_mask_domain=False, max_rows=512,
-                     batch_size=128, device="cpu"):
+def domain_pair_mass(model, data, split, max_len, max_rows=512, batch_size=128, device="cpu"):
     """{"labels": [...], "layers": [[[mass]]]} over the first max_rows rows of split."""
     model.eval()
     num_domains = data.num_domains
@@ -43,8 +42,7 @@ def domain_pair_mass(model, data, split, max_len, hide_mask_domain=False, max_ro
     rows_all = np.arange(min(max_rows, len(split)))
     for lo in range(0, len(rows_all), batch_size):
         rows = rows_all[lo:lo + batch_size]
-        batch = to_device(eval_batch(split, rows, max_len, model.arch, model.mask_item,
-                                     hide_mask_domain), device)
+        batch = to_device(eval_batch(split, rows, max_len, model.arch, model.tokens), device)
         records, remove = _capture_attention_inputs(model)
         try:
             model(batch["items"], batch["domains"], batch["seq_lens"])
@@ -72,15 +70,14 @@ def domain_pair_mass(model, data, split, max_len, hide_mask_domain=False, max_ro
 
 
 @torch.no_grad()
-def user_cd_mass(model, split, max_len, hide_mask_domain=False, batch_size=256, device="cpu"):
+def user_cd_mass(model, split, max_len, batch_size=256, device="cpu"):
     """[len(split)] each evaluation history's cross-domain mass: the mean over the objective's
     layers, the heads and the counted queries (as L_cd, per user)."""
     model.eval()
     out = []
     for lo in range(0, len(split), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(split)))
-        batch = to_device(eval_batch(split, rows, max_len, model.arch, model.mask_item,
-                                     hide_mask_domain), device)
+        batch = to_device(eval_batch(split, rows, max_len, model.arch, model.tokens), device)
         _, masses = model(batch["items"], batch["domains"], batch["seq_lens"])
         weight = model.cd_query_mask(batch["domains"]).float()
         per_layer = [(m * weight[:, None]).sum(dim=(1, 2)) / (weight.sum(1) * m.shape[1]).clamp(min=1)

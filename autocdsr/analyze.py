@@ -26,7 +26,7 @@ from .config import load_config
 
 def _load_model(run_dir, checkpoint="best.pt", device="cpu"):
     """(cfg, data, trained model, model at initialisation) of a run."""
-    from .train import build_model, load_data, seed_everything
+    from .build import build_model, load_data, seed_everything
     cfg = load_config(None, (), base=OmegaConf.load(os.path.join(run_dir, "config.yaml")))
     cfg.train.device = "cpu"
     data, _ = load_data(cfg)
@@ -40,8 +40,7 @@ def _load_model(run_dir, checkpoint="best.pt", device="cpu"):
 
 def pair_masses(run_dir, max_rows=512):
     cfg, data, trained, initial = _load_model(run_dir)
-    hide = cfg.data.mask_domain == "hidden"
-    kw = dict(max_len=cfg.data.max_len, hide_mask_domain=hide, max_rows=max_rows)
+    kw = dict(max_len=cfg.data.max_len, max_rows=max_rows)
     return {"init": domain_pair_mass(initial, data, data.test, **kw),
             "trained": domain_pair_mass(trained, data, data.test, **kw),
             "objective": cfg.objective, "arch": cfg.model.arch}
@@ -123,8 +122,7 @@ def _test_ranks(cfg, data, model):
     from .evaluate import model_scorer, target_ranks, uses_cosine
     return target_ranks(model_scorer(model, None, uses_cosine(cfg)), data, data.test,
                         cfg.eval.protocol, cfg.eval.batch_size, "cpu", cfg.train.seed,
-                        cfg.data.max_len, cfg.model.arch, cfg.data.mask_domain == "hidden",
-                        desc="strata")
+                        cfg.data.max_len, cfg.model.arch, model.tokens, desc="strata")
 
 
 def strata(run_dir, single_dir, against=(), k=10):
@@ -141,8 +139,7 @@ def strata(run_dir, single_dir, against=(), k=10):
         hits = _test_ranks(cfg, data, model) < k
         labels = outcome_strata(hits[shared], np.array([single[key] for key, s in
                                                         zip(keys, shared) if s], dtype=bool))
-        mass = user_cd_mass(model, data.test, cfg.data.max_len,
-                            cfg.data.mask_domain == "hidden")[shared]
+        mass = user_cd_mass(model, data.test, cfg.data.max_len)[shared]
         result["runs"][d] = {"title": _title(d), "users": int(shared.sum()),
                              "count": [int((labels == s).sum()) for s in range(4)],
                              "cd_mass": [float(mass[labels == s].mean()) if (labels == s).any()

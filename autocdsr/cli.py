@@ -45,17 +45,18 @@ def _train(args):
 
 
 def _evaluate(args):
-    from .checkpoint import load_safe
-    from .evaluate import format_table
-    from .train import Trainer, setup_logging
-    state = load_safe(args.checkpoint)
-    cfg = load_config(None, args.overrides, base=OmegaConf.create(state["config"]))
-    setup_logging(os.path.dirname(os.path.abspath(args.checkpoint)))
-    trainer = Trainer(cfg)
-    trainer.model.load_state_dict(state["model"])
-    for name, split in (("valid", trainer.data.valid), ("test", trainer.data.test)):
-        result = trainer.evaluate(split, name)
-        print(format_table(f"{trainer.data.name} {cfg.model.arch} | {name}", cfg.eval.protocol,
+    if not os.path.isfile(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file")
+    import torch
+    from .build import load_checkpoint, resolve_device
+    from .evaluate import evaluate_split, format_table, model_scorer, uses_cosine
+    device = resolve_device("auto")
+    cfg, data, model = load_checkpoint(args.checkpoint, args.overrides, device)
+    amp = torch.bfloat16 if device.type == "cuda" else None  # as the trainer evaluates
+    scorer = model_scorer(model, amp, uses_cosine(cfg))
+    for name, split in (("valid", data.valid), ("test", data.test)):
+        result = evaluate_split(scorer, data, split, cfg, device, name)
+        print(format_table(f"{data.name} {cfg.model.arch} | {name}", cfg.eval.protocol,
                            result, list(cfg.eval.ks)))
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .data.batches import eval_batch, to_device
 from .metrics import metrics_by_domain
+from .models.tokens import TokenSpec
 
 PROTOCOL_TEXT = {
     "full": "full ranking over all items",
@@ -129,9 +130,10 @@ def direct_domain_negatives(data, split, rows, rng, count=999):
 
 @torch.no_grad()
 def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
-                 hide_mask_domain=False, desc="eval", comm=None):
+                 tokens, desc="eval", comm=None):
     """score_fn(batch, candidates) -> scores of the [B, n] candidate ids, or of every id
-    ([B, num_items + 1], column 0 = padding) when candidates is None. Returns the ranks.
+    ([B, num_items + 1], column 0 = padding) when candidates is None. tokens: the model's
+    TokenSpec (the [MASK] id and domain of BERT4Rec's appended [MASK]). Returns the ranks.
 
     Each batch draws its negatives from a generator seeded by (seed, first row), so a batch's
     candidates do not depend on which process scores it: with comm (data parallelism) the
@@ -142,8 +144,7 @@ def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_
     for lo in tqdm(starts, desc=desc, leave=False, mininterval=1.0, disable=None if rank == 0 else True):
         rng = np.random.default_rng([seed, lo])
         rows = np.arange(lo, min(lo + batch_size, len(split)))
-        batch = to_device(eval_batch(split, rows, max_len, arch, data.mask_id, hide_mask_domain),
-                          device)
+        batch = to_device(eval_batch(split, rows, max_len, arch, tokens), device)
         if protocol == "full":
             scores = score_fn(batch, None).float()
             target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
@@ -198,9 +199,9 @@ def popularity_scorer(popularity, device):
 
 def evaluate_split(score_fn, data, split, cfg, device, desc="eval", comm=None):
     """Metrics of one split under cfg.eval.protocol (negatives seeded by cfg.train.seed)."""
+    tokens = TokenSpec.for_run(data.num_items, data.num_domains, cfg.data.mask_domain)
     ranks = target_ranks(score_fn, data, split, cfg.eval.protocol, cfg.eval.batch_size, device,
-                         cfg.train.seed, cfg.data.max_len, cfg.model.arch,
-                         cfg.data.mask_domain == "hidden", desc, comm)
+                         cfg.train.seed, cfg.data.max_len, cfg.model.arch, tokens, desc, comm)
     ks = list(cfg.eval.ks)
     return metrics_by_domain(ranks, split.target_domains, data.domain_tokens, ks)
 

@@ -20,10 +20,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from .checkpoint import load_safe
-from .config import load_config
 from .data.batches import eval_batch, to_device
 from .data.dataset import Sequences, select_rows
 from .evaluate import uses_cosine
@@ -34,14 +31,9 @@ class ServeError(ValueError):
 
 
 def load_for_serving(checkpoint, device="cpu"):
-    from .train import build_model, load_data
-    state = load_safe(checkpoint, map_location=device)
-    cfg = load_config(None, (), base=OmegaConf.create(state["config"]))
-    data, _ = load_data(cfg)
-    model = build_model(cfg, data).to(device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return cfg, data, model
+    """(cfg, data, model in eval mode) of a checkpoint."""
+    from .build import load_checkpoint
+    return load_checkpoint(checkpoint, (), device)
 
 
 def full_histories(data):
@@ -75,7 +67,7 @@ def user_states(cfg, data, model, seqs, mask_domains, batch_size=256, device="cp
     for lo in range(0, len(seqs), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(seqs)))
         batch = to_device(eval_batch(seqs, rows, cfg.data.max_len, cfg.model.arch,
-                                     model.mask_item, model.hide_mask_domain), device)
+                                     model.tokens), device)
         hidden, _ = model(batch["items"], batch["domains"], batch["seq_lens"])
         states.append(model.prediction_states(hidden, batch["seq_lens"]).float())
     states = torch.cat(states)

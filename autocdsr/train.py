@@ -5,7 +5,6 @@ import logging
 import math
 import os
 import platform
-import random
 import re
 import subprocess
 import time
@@ -20,56 +19,14 @@ from .config import to_yaml
 from . import distributed
 from .data.batches import bert4rec_train_batch, sasrec_train_batch, shard_batch, to_device
 from .data.prefetch import prefetched
-from .data.dataset import (build_leave_one_out, keep_domains, keep_target_domains, load_dataset,
-                           training_windows)
-from .data.synthetic import generate, oracle_table
+from .build import build_model, load_data, resolve_device, seed_everything
+from .data.dataset import training_windows
+from .data.synthetic import oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
-from .models import Recommender
 from .step import TrainStep, make_optimizer
 
 log = logging.getLogger("autocdsr")
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_data(cfg):
-    """The dataset (data.domains and data.target_domains applied), and the synthetic
-    generator's oracle state (None for real data)."""
-    domains = list(cfg.data.domains)
-    if not cfg.data.path:
-        frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed,
-                         spurious=cfg.data.synthetic_spurious)
-        data = build_leave_one_out(keep_domains(frame, domains), "synthetic")
-        oracle = None if domains else frame["oracle"]  # its cursors assume every domain
-    else:
-        data, oracle = load_dataset(cfg.data.path, cfg.data.name, cfg.data.split, domains), None
-    return keep_target_domains(data, list(cfg.data.target_domains)), oracle
-
-
-def build_model(cfg, data):
-    model_cfg = cfg.model.copy()
-    if cfg.objective != "autocdsr_plus":
-        model_cfg.bottleneck_tokens = 0
-    model = Recommender(model_cfg, data.num_items, data.num_domains, cfg.data.max_len,
-                        backend=cfg.attention.backend, mask_domain=cfg.data.mask_domain)
-    if cfg.model.item_bias == "log_count":  # start from the training popularity's ranking
-        with torch.no_grad():
-            counts = torch.as_tensor(data.popularity[: data.num_items + 1], dtype=torch.float32)
-            model.item_bias.copy_(torch.log1p(counts))
-    return model
 
 
 def environment_record():
@@ -203,8 +160,8 @@ class Trainer:
             batch = sasrec_train_batch(data.train, rows, cfg.data.max_len)
         else:
             rng = np.random.default_rng([cfg.train.seed, epoch, index])  # resumable masking
-            batch = bert4rec_train_batch(data.train, rows, cfg.data.max_len, self.model.mask_item,
-                                         self.model.hide_mask_domain, cfg.data.mask_prob, rng)
+            batch = bert4rec_train_batch(data.train, rows, cfg.data.max_len, self.model.tokens,
+                                         cfg.data.mask_prob, rng)
         if self.comm.active:  # this rank's rows of the global batch
             batch = shard_batch(batch, self.comm.rank, self.comm.world)
         return batch

@@ -22,11 +22,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from autocdsr.analyze import analyze, plot_trajectory
-from autocdsr.checkpoint import load_safe
+from autocdsr.build import load_checkpoint
 from autocdsr.compare import compare
 from autocdsr.config import load_config
-from autocdsr.evaluate import popularity_scorer
-from autocdsr.train import Trainer, train
+from autocdsr.evaluate import evaluate_split, model_scorer, popularity_scorer, uses_cosine
+from autocdsr.train import train
 
 VARIANTS = {
     "sasrec/base": ["model.arch=sasrec", "objective=base"],
@@ -75,16 +75,16 @@ def reevaluate(run_dir, protocol, out_dir):
     done = os.path.join(out_dir, "metrics.json")
     if os.path.exists(done):
         return out_dir
-    cfg = load_config(None, [], base=OmegaConf.load(os.path.join(run_dir, "config.yaml")))
-    cfg.eval.protocol, cfg.run_dir = protocol, out_dir
-    trainer = Trainer(cfg)
-    trainer.model.load_state_dict(load_safe(os.path.join(run_dir, "best.pt"))["model"])
-    metrics = {"protocol": protocol, "seed": cfg.train.seed, "dataset": trainer.data.name,
+    cfg, data, model = load_checkpoint(os.path.join(run_dir, "best.pt"),
+                                       [f"eval.protocol={protocol}", f"run_dir={out_dir}"])
+    score = model_scorer(model, None, uses_cosine(cfg))
+    metrics = {"protocol": protocol, "seed": cfg.train.seed, "dataset": data.name,
                "reevaluated_from": run_dir,
-               "valid": trainer.evaluate(trainer.data.valid, "valid"),
-               "test": trainer.evaluate(trainer.data.test, "test"),
-               "baseline_mostpop_test": trainer.evaluate(
-                   trainer.data.test, "mostpop", popularity_scorer(trainer.data.popularity, "cpu"))}
+               "valid": evaluate_split(score, data, data.valid, cfg, "cpu", "valid"),
+               "test": evaluate_split(score, data, data.test, cfg, "cpu", "test"),
+               "baseline_mostpop_test": evaluate_split(
+                   popularity_scorer(data.popularity, "cpu"), data, data.test, cfg, "cpu",
+                   "mostpop")}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg))

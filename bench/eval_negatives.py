@@ -18,16 +18,13 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from scipy import stats
 
-from autocdsr.checkpoint import load_safe
-from autocdsr.config import load_config
+from autocdsr.build import load_checkpoint
 from autocdsr.data.batches import eval_batch, to_device
 from autocdsr.evaluate import (_rank, direct_domain_negatives, domain_negatives, model_scorer,
                                uses_cosine)
 from autocdsr.metrics import metrics_by_domain
-from autocdsr.train import build_model, load_data
 
 SAMPLERS = {"vectorised": domain_negatives, "direct": direct_domain_negatives}
 
@@ -57,7 +54,7 @@ def sampler_report(data, split, rows, draws, seed=0):
 
 
 @torch.no_grad()
-def ranks_with(score, data, split, cfg, sampler, seed, device):
+def ranks_with(score, data, split, cfg, tokens, sampler, seed, device):
     """Test ranks with the negatives of `sampler`, and the count of candidates tied with the
     target per row."""
     ranks, ties = [], []
@@ -65,7 +62,7 @@ def ranks_with(score, data, split, cfg, sampler, seed, device):
     for lo in range(0, len(split), cfg.eval.batch_size):
         rows = np.arange(lo, min(lo + cfg.eval.batch_size, len(split)))
         batch = to_device(eval_batch(split, rows, cfg.data.max_len, cfg.model.arch,
-                                     data.mask_id, cfg.data.mask_domain == "hidden"), device)
+                                     tokens), device)
         negatives = torch.from_numpy(sampler(data, split, rows, rng)).to(device)
         scores = score(batch, torch.cat([batch["targets"][:, None], negatives], 1)).float()
         target, others = scores[:, 0], scores[:, 1:]
@@ -83,10 +80,7 @@ def main(argv=None):
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    state = load_safe(args.checkpoint)
-    cfg = load_config(None, args.overrides, base=OmegaConf.create(state["config"]))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    data, _ = load_data(cfg)
+    cfg, data, model = load_checkpoint(args.checkpoint, args.overrides)
     split = data.test
     rows = np.random.default_rng(0).choice(len(split), size=min(args.rows, len(split)),
                                            replace=False)
@@ -98,9 +92,6 @@ def main(argv=None):
     for name, part in report["distribution"].items():
         print(f"  {name:>10}: violations {part['violations']}, rows with chi-square p < 0.01: "
               f"{part['rows_with_p_below_0.01']} of {len(rows)}")
-    model = build_model(cfg, data)
-    model.load_state_dict(state["model"])
-    model.eval()
     score = model_scorer(model, None, uses_cosine(cfg))
     ks = list(cfg.eval.ks)
     report["metrics"] = {}
@@ -108,7 +99,8 @@ def main(argv=None):
     for name, sampler in SAMPLERS.items():
         rows_out = []
         for seed in range(args.seeds):
-            ranks, ties = ranks_with(score, data, split, cfg, sampler, seed, torch.device("cpu"))
+            ranks, ties = ranks_with(score, data, split, cfg, model.tokens, sampler, seed,
+                                     torch.device("cpu"))
             overall = metrics_by_domain(ranks, split.target_domains, data.domain_tokens,
                                         ks)["overall"]
             rows_out.append({"seed": seed, "HR@10": overall["HR@10"],

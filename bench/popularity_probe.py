@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from autocdsr.config import load_config
 from autocdsr.evaluate import evaluate_split, popularity_scorer, table_scorer
-from autocdsr.train import load_data
+from autocdsr.build import load_data
 
 SETTINGS = [("adam", 1e-3, 1000), ("adam", 1e-2, 1000), ("sgd", 1.0, 1000)]
 

@@ -1,6 +1,7 @@
 """Without a GPU, the Triton kernels run under the interpreter (TRITON_INTERPRET=1), which
 must be set before triton is first imported."""
 import os
+import sys
 
 import pytest
 import torch
@@ -21,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiler_caches():
+    """Each test compiles from a clean slate: many tests compile the same TrainStep.run code
+    object for different steps, and together they would reach Dynamo's recompile limit, which
+    fails a fullgraph compile."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()

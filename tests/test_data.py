@@ -10,6 +10,7 @@ from autocdsr.data.batches import bert4rec_train_batch, eval_batch, sasrec_train
 from autocdsr.data.dataset import build_leave_one_out, load_dataset, training_windows
 from autocdsr.data.reader import DataError, read_inter
 from autocdsr.data.synthetic import generate
+from autocdsr.models.tokens import TokenSpec
 from kernels import WILDCARD_DOMAIN
 
 HEADER = "user_id:token\titem_id:token\tdomain:token\ttimestamp:float\n"
@@ -96,8 +97,10 @@ def test_batches_truncate_to_most_recent_and_pad_right():
     rng = np.random.default_rng(0)
     for hide in (False, True):
         rng = np.random.default_rng(0)
-        cloze = bert4rec_train_batch(data.train, [0, 1], 10, data.mask_id, hide, 0.15, rng)
-        masked = cloze["items"] == data.mask_id
+        tokens = TokenSpec.for_run(data.num_items, data.num_domains,
+                                   "hidden" if hide else "target")
+        cloze = bert4rec_train_batch(data.train, [0, 1], 10, tokens, 0.15, rng)
+        masked = cloze["items"] == tokens.mask_item
         assert masked.any(dim=1).all()                         # at least one mask per row
         assert (cloze["targets"][masked] != 0).all() and (cloze["targets"][~masked] == 0).all()
         truth = np.stack([data.train.row(r)[1][-10:] for r in (0, 1)])
@@ -106,8 +109,8 @@ def test_batches_truncate_to_most_recent_and_pad_right():
         else:      # a [MASK] keeps the masked item's domain
             assert (cloze["domains"].numpy() == truth).all()
         assert (cloze["domains"][~masked].numpy() == truth[~masked.numpy()]).all()
-        ev = eval_batch(data.test, [0, 1], 10, "bert4rec", data.mask_id, hide)
-        assert (ev["items"][:, -1] == data.mask_id).all() and (ev["seq_lens"] == 10).all()
+        ev = eval_batch(data.test, [0, 1], 10, "bert4rec", tokens)
+        assert (ev["items"][:, -1] == tokens.mask_item).all() and (ev["seq_lens"] == 10).all()
         want = WILDCARD_DOMAIN if hide else data.test.target_domains[[0, 1]]
         assert (ev["domains"][:, -1].numpy() == want).all()  # the appended [MASK]'s domain
 
@@ -143,3 +146,14 @@ def test_training_windows_cover_every_event_once():
         full = data.train.row(r)[0]
         assert np.array_equal(joined, full[len(full) - len(joined):])
         assert len(full) - len(joined) <= 1   # only a 1-event head can be left out
+
+
+def test_the_data_layer_imports_nothing_from_kernels():
+    """Building batches needs no Triton: autocdsr.data takes its token ids from the model's
+    TokenSpec instead of importing them."""
+    import subprocess
+    import sys
+    code = ("import sys, autocdsr.data.batches, autocdsr.data.dataset, autocdsr.data.prefetch; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kernels', 'triton')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -33,7 +33,7 @@ def _case(arch, objective):
     if arch == "sasrec":
         batch = sasrec_train_batch(data.train, rows, 16)
     else:
-        batch = bert4rec_train_batch(data.train, rows, 16, model.mask_item, False, 0.3,
+        batch = bert4rec_train_batch(data.train, rows, 16, model.tokens, 0.3,
                                      np.random.default_rng(0))
     return model, batch
 

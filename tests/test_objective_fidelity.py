@@ -41,8 +41,8 @@ def test_single_domain_batch_with_masks_has_zero_cd_loss(backend, mask_domain, b
     data.train.domains[:] = 1
     model = _model(backend=backend, bottleneck=bottleneck, mask_domain=mask_domain,
                    num_items=data.num_items)
-    batch = bert4rec_train_batch(data.train, list(range(6)), 16, model.mask_item,
-                                 model.hide_mask_domain, 0.3, np.random.default_rng(0))
+    batch = bert4rec_train_batch(data.train, list(range(6)), 16, model.tokens, 0.3,
+                                 np.random.default_rng(0))
     assert (batch["items"] == model.mask_item).sum() >= 6
     _, masses = model(batch["items"], batch["domains"], batch["seq_lens"])
     loss = cross_domain_loss(model.objective_masses(masses), model.cd_query_mask(batch["domains"]))

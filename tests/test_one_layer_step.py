@@ -45,7 +45,7 @@ def _setup(case, seed=0):
     if arch == "sasrec":
         batch = sasrec_train_batch(DATA.train, rows, 16)
     else:
-        batch = bert4rec_train_batch(DATA.train, rows, 16, model.mask_item, False, 0.3,
+        batch = bert4rec_train_batch(DATA.train, rows, 16, model.tokens, 0.3,
                                      np.random.default_rng(seed))
     return model, batch, variant, "sampled" if "sampled" in case else "full"
 

@@ -65,7 +65,7 @@ def _setup(arch, objective, bottleneck, backend="sdpa", batch_size=6, max_len=12
 def _train_batch(arch, data, model, rows, max_len, seed):
     if arch == "sasrec":
         return sasrec_train_batch(data.train, rows, max_len)
-    return bert4rec_train_batch(data.train, rows, max_len, model.mask_item, False, 0.3,
+    return bert4rec_train_batch(data.train, rows, max_len, model.tokens, 0.3,
                                 np.random.default_rng(seed))
 
 

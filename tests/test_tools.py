@@ -98,7 +98,7 @@ def _assert_export_reproduces_scores(checkpoint, out):
     seqs.targets = np.ones(len(seqs), dtype=np.int64)
     seqs.target_domains = seqs.domains[seqs.offsets[1:] - 1]
     rows = np.arange(10)
-    batch = eval_batch(seqs, rows, cfg.data.max_len, "sasrec", model.mask_item, False)
+    batch = eval_batch(seqs, rows, cfg.data.max_len, "sasrec", model.tokens)
     with torch.no_grad():
         scores = model_scorer(model)(batch, None)[:, 1:].numpy()
     assert np.allclose(users[rows] @ items.T, scores, atol=1e-4)

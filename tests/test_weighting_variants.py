@@ -131,7 +131,7 @@ def test_per_domain_with_one_domain_is_the_official_step():
     model = _model("bert4rec", 2, bottleneck=2, num_domains=1)
     data = copy.deepcopy(DATA)
     data.train.domains[:] = 0
-    batch = bert4rec_train_batch(data.train, np.arange(6), 16, model.mask_item, False, 0.3,
+    batch = bert4rec_train_batch(data.train, np.arange(6), 16, model.tokens, 0.3,
                                  np.random.default_rng(0))
     twin = copy.deepcopy(model)
     official = _step(model)

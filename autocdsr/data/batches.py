@@ -1,11 +1,10 @@
 """Batching: truncation to max_len (most recent events), right padding with seq_lens,
 SASRec next-item targets and BERT4Rec cloze masking. Domain id -1 marks padding.
 
-A [MASK] replaces only the item id: it keeps the masked item's domain (and the [MASK]
-appended at evaluation carries the target's domain), as the official AutoCDSR code does.
-With hide_mask_domain the [MASK] gets kernels.WILDCARD_DOMAIN instead: a token of no
-domain, which every token may attend and which is never cross-domain. [MASK] is never a
-domain of its own.
+The ids come from the model's token spec (autocdsr.models.tokens.TokenSpec): a [MASK]
+replaces only the item id and keeps the masked item's domain (the [MASK] appended at
+evaluation carries the target's), unless the spec gives [MASK]s a domain of their own choosing
+(the wildcard of data.mask_domain=hidden).
 
 Training batches have fixed shapes, so a training step never depends on the data's sizes:
 every batch has `batch_size` rows (a row index < 0 is an empty row, used to fill the last
@@ -15,8 +14,6 @@ fixed-size index, not a boolean mask (which would need the count on the host).
 """
 import numpy as np
 import torch
-
-from kernels import WILDCARD_DOMAIN
 
 from .dataset import PAD
 
@@ -51,7 +48,7 @@ def sasrec_train_batch(seqs, rows, max_len):
     return _train_tensors(inputs, input_domains, lengths, targets, targets.size)
 
 
-def bert4rec_train_batch(seqs, rows, max_len, mask_id, hide_mask_domain, mask_prob, rng):
+def bert4rec_train_batch(seqs, rows, max_len, tokens, mask_prob, rng):
     """Cloze: each real position is masked with probability mask_prob (at least one per
     row); targets are the hidden items at masked positions, PAD elsewhere."""
     items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len)
@@ -64,9 +61,9 @@ def bert4rec_train_batch(seqs, rows, max_len, mask_id, hide_mask_domain, mask_pr
     extra = np.flatnonzero(masked.reshape(-1))[capacity:]
     masked.reshape(-1)[extra] = False  # beyond the capacity (practically never): unmasked
     targets = np.where(masked, items, PAD)
-    items = np.where(masked, mask_id, items)
-    if hide_mask_domain:
-        domains = np.where(masked, WILDCARD_DOMAIN, domains)
+    items = np.where(masked, tokens.mask_item, items)
+    if tokens.mask_domain is not None:
+        domains = np.where(masked, tokens.mask_domain, domains)
     return _train_tensors(items, domains, lengths, targets, capacity)
 
 
@@ -109,7 +106,7 @@ def _train_tensors(items, domains, lengths, targets, capacity):
     return batch
 
 
-def eval_batch(seqs, rows, max_len, arch, mask_id, hide_mask_domain):
+def eval_batch(seqs, rows, max_len, arch, tokens):
     """Histories for scoring. SASRec reads the last max_len events and predicts from the last
     position; BERT4Rec appends [MASK] after the last max_len - 1 events and predicts there."""
     if arch == "sasrec":
@@ -117,8 +114,8 @@ def eval_batch(seqs, rows, max_len, arch, mask_id, hide_mask_domain):
     else:
         items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len - 1)
         b = np.arange(len(rows))
-        mask_domain = WILDCARD_DOMAIN if hide_mask_domain else seqs.target_domains[rows]
-        items[b, lengths], domains[b, lengths] = mask_id, mask_domain
+        mask_domain = seqs.target_domains[rows] if tokens.mask_domain is None else tokens.mask_domain
+        items[b, lengths], domains[b, lengths] = tokens.mask_item, mask_domain
         lengths = lengths + 1
     targets = seqs.targets[rows]
     batch = _tensors(items, domains, lengths, targets)

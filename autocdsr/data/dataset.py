@@ -52,10 +52,6 @@ class SequenceData:
     def num_domains(self):
         return len(self.domain_tokens)
 
-    @property
-    def mask_id(self):
-        return self.num_items + 1
-
     def summary(self):
         return (f"{self.name}: {self.num_items} items, {self.num_domains} domains "
                 f"({', '.join(str(t) for t in self.domain_tokens)}), {len(self.train)} train "

@@ -1,12 +1,9 @@
 """SASRec (causal, next item) and BERT4Rec (bidirectional, cloze) over one encoder, with
 item scores tied to the item embedding table.
 
-The model owns its token semantics and tells the objective what it needs:
-- item ids: 0 padding, 1..num_items items, num_items + 1 the [MASK] item (BERT4Rec);
-- domain ids: 0..num_domains - 1 real domains, num_domains the bottleneck (IB) tokens,
-  kernels.WILDCARD_DOMAIN a [MASK] whose domain is hidden (`mask_domain="hidden"`); under
-  the default `mask_domain="target"` a [MASK] keeps the masked item's domain, as the official
-  AutoCDSR code does (at evaluation the appended [MASK] carries the target's domain);
+The model owns its token semantics (`tokens`, a TokenSpec: padding, [MASK], the wildcard,
+the bottleneck domain; batching and evaluation take their ids from it) and tells the
+objective what it needs:
 - `objective_masses`: the per-layer masses the cross-domain loss acts on (every layer, or
   the bottleneck layers), over ordinary tokens; `cd_query_mask`: which queries count;
 - `gram_parameters`: the parameters whose gradients enter the Pareto solver's Gram matrix.
@@ -14,11 +11,9 @@ The model owns its token semantics and tells the objective what it needs:
 import torch
 from torch import nn
 
-from kernels import WILDCARD_DOMAIN
-
 from .encoder import Encoder
+from .tokens import TokenSpec
 
-MASK_DOMAIN_MODES = ("target", "hidden")
 SHARED_SETS = ("reached", "last_layer", "all_but_items", "all")
 
 
@@ -33,24 +28,28 @@ class Recommender(nn.Module):
             raise ValueError("bottleneck tokens need a bidirectional encoder (bert4rec): with a "
                              "causal one the IB tokens would carry future items back to earlier "
                              "positions (future leakage)")
-        if mask_domain not in MASK_DOMAIN_MODES:
-            raise ValueError(f"mask_domain must be one of {MASK_DOMAIN_MODES}, got {mask_domain!r}")
+        self.tokens = TokenSpec.for_run(num_items, num_domains, mask_domain)
         self.arch, self.num_items, self.num_domains = cfg.arch, num_items, num_domains
-        self.mask_item = num_items + 1
-        self.ib_domain = num_domains
-        self.hide_mask_domain = mask_domain == "hidden"
         bottleneck_layers = cfg.bottleneck_layers
         if bottleneck_layers < 0:
             bottleneck_layers = max(1, cfg.layers // 2)
         self.bottleneck_layers = bottleneck_layers if cfg.bottleneck_tokens else 0
         self.encoder = Encoder(num_items + 2, max_len, cfg.hidden, cfg.heads, cfg.layers,
                                cfg.dropout, backend, num_domains + 1, cfg.bottleneck_tokens,
-                               self.bottleneck_layers, self.ib_domain,
+                               self.bottleneck_layers, self.tokens.bottleneck_domain,
                                getattr(cfg, "head_dim", 0), getattr(cfg, "ffn_hidden", 0))
         # score(item) = h . e_item + b_item: the bias carries what every context shares (how
         # popular an item is), which a protocol with uniform negatives rewards
         bias = getattr(cfg, "item_bias", "none")
         self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if bias != "none" else None
+
+    @property
+    def mask_item(self):
+        return self.tokens.mask_item
+
+    @property
+    def hide_mask_domain(self):
+        return self.tokens.hide_mask_domain
 
     @property
     def causal(self):
@@ -108,10 +107,9 @@ class Recommender(nn.Module):
         """The per-layer masses L_cd averages: those of mass_layers(layers)."""
         return [masses[i] for i in self.mass_layers(layers)]
 
-    @staticmethod
-    def cd_query_mask(domains):
+    def cd_query_mask(self, domains):
         """[B, L] bool: the queries whose mass enters L_cd (real tokens, wildcards aside)."""
-        return (domains >= 0) & (domains != WILDCARD_DOMAIN)
+        return self.tokens.cd_queries(domains)
 
     def gram_parameters(self, shared="reached", layers=()):
         """The parameters whose gradients enter the Gram matrix.
