@@ -57,7 +57,7 @@ def _evaluate(args):
     for name, split in (("valid", data.valid), ("test", data.test)):
         result = evaluate_split(scorer, data, split, cfg, device, name)
         print(format_table(f"{data.name} {cfg.model.arch} | {name}", cfg.eval.protocol,
-                           result, list(cfg.eval.ks)))
+                           result, list(cfg.eval.ks), cfg.eval.negative_draws))
 
 
 def _analyze(args):

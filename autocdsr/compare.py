@@ -23,7 +23,7 @@ VARIANT_KEYS = ("weighting.layers", "weighting.per_domain", "weighting.gate")
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
                 "data.synthetic_spurious", "data.domains", "data.target_domains",
-                "data.mask_domain", "eval.protocol", "eval.ks")
+                "data.mask_domain", "eval.protocol", "eval.ks", "eval.negative_draws")
 
 
 class CompareError(ValueError):

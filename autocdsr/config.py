@@ -84,6 +84,8 @@ class EvalConfig:
     protocol: str = opt("full", "full | uni100_vocab | uni999_domain")
     ks: List[int] = opt(lambda: [5, 10, 20], "cut-offs K of HR@K and NDCG@K", factory=True)
     batch_size: int = opt(256, "evaluation rows per batch")
+    negative_draws: int = opt(1, "sampled protocols: metrics averaged over this many negative "
+                                 "sets per target (1 = the protocol as published)")
     metric: str = opt("NDCG@10", "early-stopping metric on the validation split")
 
 
@@ -213,7 +215,8 @@ def check_config(cfg):
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
     positive = ("data.max_len", "model.layers", "model.heads", "model.hidden",
-                "train.epochs", "train.batch_size", "eval.batch_size", "weighting.every",
+                "train.epochs", "train.batch_size", "eval.batch_size", "eval.negative_draws",
+                "weighting.every",
                 "weighting.log_every")
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:

@@ -130,10 +130,13 @@ def direct_domain_negatives(data, split, rows, rng, count=999):
 
 @torch.no_grad()
 def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
-                 tokens, desc="eval", comm=None):
+                 tokens, desc="eval", comm=None, draws=1):
     """score_fn(batch, candidates) -> scores of the [B, n] candidate ids, or of every id
     ([B, num_items + 1], column 0 = padding) when candidates is None. tokens: the model's
-    TokenSpec (the [MASK] id and domain of BERT4Rec's appended [MASK]). Returns the ranks.
+    TokenSpec (the [MASK] id and domain of BERT4Rec's appended [MASK]). Returns the ranks
+    [rows], or [rows, draws] for a sampled protocol with draws > 1: that many independent
+    negative sets per row (draw 0 is the single draw's), scored in one call; the metrics of
+    such ranks are their means over the draws.
 
     Each batch draws its negatives from a generator seeded by (seed, first row), so a batch's
     candidates do not depend on which process scores it: with comm (data parallelism) the
@@ -151,10 +154,17 @@ def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_
             scores[:, 0] = -torch.inf  # padding is never a candidate
             scores.scatter_(1, batch["targets"][:, None], -torch.inf)  # nor the target itself
         else:
-            negatives = torch.from_numpy(sample_negatives(protocol, data, split, rows, rng)).to(device)
-            # column 0 is the target: only the 1 + n candidates are scored
+            rngs = [rng] + [np.random.default_rng([seed, lo, d]) for d in range(1, draws)]
+            sets = [sample_negatives(protocol, data, split, rows, r) for r in rngs]
+            negatives = torch.from_numpy(np.concatenate(sets, 1)).to(device)
+            # column 0 is the target: only the 1 + draws x n candidates are scored
             scores = score_fn(batch, torch.cat([batch["targets"][:, None], negatives], 1)).float()
-            target_scores, scores = scores[:, 0], scores[:, 1:]
+            target_scores = scores[:, 0]
+            scores = scores[:, 1:].reshape(len(rows), draws, -1).transpose(0, 1)  # [draws, B, n]
+            ranks[lo] = torch.stack([_rank(s, target_scores) for s in scores], 1).cpu().numpy()
+            if draws == 1:
+                ranks[lo] = ranks[lo][:, 0]
+            continue
         ranks[lo] = _rank(scores, target_scores).cpu().numpy()
     if world > 1:
         ranks = {lo: r for part in comm.gather(ranks) for lo, r in part.items()}
@@ -198,18 +208,28 @@ def popularity_scorer(popularity, device):
 
 
 def evaluate_split(score_fn, data, split, cfg, device, desc="eval", comm=None):
-    """Metrics of one split under cfg.eval.protocol (negatives seeded by cfg.train.seed)."""
+    """Metrics of one split under cfg.eval.protocol (negatives seeded by cfg.train.seed; for a
+    sampled protocol, averaged over cfg.eval.negative_draws independent negative sets)."""
     tokens = TokenSpec.for_run(data.num_items, data.num_domains, cfg.data.mask_domain)
     ranks = target_ranks(score_fn, data, split, cfg.eval.protocol, cfg.eval.batch_size, device,
-                         cfg.train.seed, cfg.data.max_len, cfg.model.arch, tokens, desc, comm)
+                         cfg.train.seed, cfg.data.max_len, cfg.model.arch, tokens, desc, comm,
+                         cfg.eval.negative_draws)
     ks = list(cfg.eval.ks)
     return metrics_by_domain(ranks, split.target_domains, data.domain_tokens, ks)
 
 
-def format_table(title, protocol, result, ks):
+def protocol_text(protocol, draws=1):
+    """The protocol's name and meaning, as printed next to every metric."""
+    text = f"{protocol} = {PROTOCOL_TEXT[protocol]}"
+    if draws > 1 and protocol != "full":
+        text += f", mean over {draws} negative draws"
+    return text
+
+
+def format_table(title, protocol, result, ks, draws=1):
     """Text table of one split's metrics, with the protocol on top."""
     k_show = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
-    lines = [f"{title}  [protocol: {protocol} = {PROTOCOL_TEXT[protocol]}]",
+    lines = [f"{title}  [protocol: {protocol_text(protocol, draws)}]",
              f"{'domain':>10} {'n':>6} " + " ".join(f"{m:>8}" for m in k_show)]
     rows = [("overall", result["overall"])] + sorted(result["per_domain"].items())
     for name, row in rows:

@@ -1,4 +1,6 @@
-"""Ranking metrics from the 0-based rank of the single target (0 = ranked first)."""
+"""Ranking metrics from the 0-based rank of the single target (0 = ranked first). Ranks may be
+[rows] or [rows, draws] (several negative sets per target): a metric is then the mean over
+rows and draws, i.e. the mean of the per-draw metrics."""
 import numpy as np
 
 

@@ -324,8 +324,10 @@ class Trainer:
                            (" (knows the target's domain)" if knows else ""), oracle))
         for title, result in tables:
             log.info("\n%s", format_table(f"{self.data.name} {cfg.model.arch} {cfg.objective} | {title}",
-                                           cfg.eval.protocol, result, ks))
-        metrics = {"protocol": cfg.eval.protocol, "seed": cfg.train.seed,
+                                           cfg.eval.protocol, result, ks,
+                                           cfg.eval.negative_draws))
+        metrics = {"protocol": cfg.eval.protocol, "negative_draws": cfg.eval.negative_draws,
+                   "seed": cfg.train.seed,
                    "dataset": self.data.name, "arch": cfg.model.arch, "objective": cfg.objective,
                    "weighting": cfg.weighting.mode, "loss": cfg.train.loss,
                    "max_len": cfg.data.max_len, "device": str(self.device),

@@ -48,3 +48,28 @@ def test_same_seed_same_negatives(data):
     a = domain_negatives(data, data.valid, rows, np.random.default_rng(7))
     b = domain_negatives(data, data.valid, rows, np.random.default_rng(7))
     assert np.array_equal(a, b)
+
+
+def test_several_negative_draws_average_independent_sets(data):
+    """eval.negative_draws: draw 0 is the single draw's negatives; the others are different
+    sets; the metrics are the means of the per-draw metrics."""
+    import torch
+    from autocdsr.evaluate import table_scorer, target_ranks
+    from autocdsr.metrics import metrics_by_domain
+    from autocdsr.models.tokens import TokenSpec
+    tokens = TokenSpec.for_run(data.num_items, data.num_domains)
+    scores = np.random.default_rng(0).random((len(data.test), data.num_items + 1))
+    score = table_scorer(scores, "cpu")
+    args = (score, data, data.test, "uni999_domain", 64, "cpu", 5, 20, "sasrec", tokens)
+    one = target_ranks(*args)
+    three = target_ranks(*args, draws=3)
+    assert three.shape == (len(data.test), 3)
+    assert np.array_equal(three[:, 0], one)
+    assert not np.array_equal(three[:, 1], three[:, 0])
+    ks = [10]
+    both = metrics_by_domain(three, data.test.target_domains, data.domain_tokens, ks)
+    each = [metrics_by_domain(three[:, d], data.test.target_domains, data.domain_tokens, ks)
+            for d in range(3)]
+    for key in ("HR@10", "NDCG@10", "MRR"):
+        assert both["overall"][key] == pytest.approx(np.mean([e["overall"][key] for e in each]))
+    assert both["overall"]["count"] == len(data.test)
