@@ -21,6 +21,8 @@ from autocdsr.models import Recommender
 from autocdsr.step import TrainStep, make_optimizer
 from kernels.pareto import gram_matrix, pareto_lambda
 
+from .step_checks import assert_compiled_step_matches_eager, run_without_host_sync
+
 DATA = build_leave_one_out(generate(40, min_len=10, max_len=20, seed=0), "s")
 CASES = {  # arch, objective, layers of the model, weighting variant
     "sasrec": ("sasrec", "autocdsr", 3, {}),
@@ -94,15 +96,8 @@ def test_the_one_layer_gram_matrix_is_the_full_gradients_restricted_to_it():
 @pytest.mark.parametrize("case", ["sasrec", "sasrec/per_domain", "bert4rec/plus"])
 def test_one_layer_step_compiles_fullgraph_and_matches_eager(case):
     model, batch, variant, _ = _setup(case)
-    twin = copy.deepcopy(model)
-    eager, compiled = _step(model, "last_layer", variant), \
-        _step(twin, "last_layer", variant, compile=True)
-    compiled.function = torch.compile(compiled.run, fullgraph=True, backend="aot_eager")
-    for _ in range(2):
-        a, b = eager(batch), compiled(batch)
-        assert torch.allclose(a["lam"], b["lam"], atol=1e-5)
-    for x, y in zip(model.parameters(), twin.parameters()):
-        assert torch.allclose(x, y, atol=1e-5)
+    assert_compiled_step_matches_eager(
+        model, batch, lambda m, compile: _step(m, "last_layer", variant, compile=compile))
 
 
 def _worker(rank, path, results):
@@ -138,14 +133,7 @@ def test_one_layer_step_on_gpu_is_sync_free_and_replays_as_a_graph(case):
     model = model.cuda()
     batch = {k: v.cuda() for k, v in batch.items()}
     step = _step(model, "last_layer", variant, amp_dtype=torch.bfloat16)
-    step(batch)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = step(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(out["loss"])
+    assert torch.isfinite(run_without_host_sync(step, batch)["loss"])
     eager, graph = copy.deepcopy(model), copy.deepcopy(model)
     runs = []
     for m, captured in ((eager, False), (graph, True)):

@@ -17,6 +17,8 @@ from autocdsr.models import Recommender
 from autocdsr.step import TrainStep, adamw_update, make_optimizer
 from kernels.attention import triton_available
 
+from .step_checks import run_without_host_sync
+
 
 def test_adamw_update_matches_torch_and_skips_exactly():
     gen = torch.Generator().manual_seed(0)
@@ -157,13 +159,7 @@ def test_whole_step_runs_without_host_sync_on_gpu(case):
     model, batch, objective = _gpu_case(case)
     step = TrainStep(model, make_optimizer(model, TrainConfig()), objective=objective,
                      amp_dtype=torch.bfloat16)
-    step(batch)  # warm up: kernels compiled, constants cached
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = step(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    out = run_without_host_sync(step, batch)
     assert torch.isfinite(out["loss"])
 
 

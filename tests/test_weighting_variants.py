@@ -18,6 +18,8 @@ from autocdsr.objectives import cross_domain_loss, cross_domain_loss_per_domain,
 from autocdsr.step import TrainStep, make_optimizer
 from kernels import reference_pareto as ref
 
+from .step_checks import assert_compiled_step_matches_eager
+
 
 DATA = build_leave_one_out(generate(40, min_len=10, max_len=20, seed=0), "s")
 
@@ -158,14 +160,6 @@ def test_gate_zeroes_lambda_exactly_where_the_gradients_conflict():
                                      dict(per_domain=True, layers=[0], gate=True)])
 def test_variant_steps_compile_fullgraph_and_match_eager(variant):
     """No graph break: the variants stay free of host synchronisation."""
-    model = _model("sasrec", 2)
-    batch = _sasrec_batch()
-    twin = copy.deepcopy(model)
-    eager, compiled = _step(model, **variant), _step(twin, compile=True, **variant)
-    # AOT autograd with eager ops: the graph-break check without inductor's C++ build
-    compiled.function = torch.compile(compiled.run, fullgraph=True, backend="aot_eager")
-    for _ in range(2):
-        a, b = eager(batch), compiled(batch)
-        assert torch.allclose(a["lam"], b["lam"], atol=1e-5)
-    for x, y in zip(model.parameters(), twin.parameters()):
-        assert torch.allclose(x, y, atol=1e-5)
+    assert_compiled_step_matches_eager(
+        _model("sasrec", 2), _sasrec_batch(),
+        lambda m, compile: _step(m, compile=compile, **variant))
