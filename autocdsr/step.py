@@ -8,16 +8,11 @@ fixed or reused) -> clip to train.grad_clip -> non-finite check -> AdamW.
 Nothing reads a value back to the host: a non-finite step is skipped on the device (the
 update, the moments and the step count are left as they were; counted), the learning rate
 lives in a device tensor that the loop fills from the scheduler before the step, and every
-logged scalar is a 0-d device tensor. `torch.compile(step.function, fullgraph=True)` traces it
-whole (tests/test_step.py); `TrainStep(..., compile=True)` runs it compiled, and
+logged scalar is a 0-d device tensor. `compile_step(step.run)` traces it whole with
+fullgraph=True (tests/test_step.py); `TrainStep(..., compile=True)` runs it compiled, and
 `TrainStep(..., cuda_graph=True)` captures it as CUDA graphs and replays them
-(autocdsr.graph_step).
-
-Two ways to apply AdamW, on the optimizer's own state (checkpoints and the scheduler work
-with the torch.optim.AdamW object either way): compiled, the update is written out with
-_foreach ops (adamw_update; torch.optim.AdamW.step breaks the graph by design, and the
-compiler fuses the written-out update); eager with an optimizer built with fused=True, torch's
-fused AdamW kernel, whose found_inf input skips a non-finite step on the device.
+(autocdsr.graph_step). The balancing maths are autocdsr.balancing, the optimizer update
+autocdsr.optim.
 """
 from typing import NamedTuple
 
@@ -25,55 +20,23 @@ import torch
 
 from .balancing import balanced_gradients, one_layer_balanced_gradients
 from .graph_step import CapturedStep
+from .optim import adamw_update, clip_scale
 from .losses import recommendation_loss
 from .objectives import cross_domain_loss, cross_domain_loss_per_domain, domain_query_counts
 
 
-def clip_scale(grads, max_norm):
-    """(scale, total norm): clipping multiplies every gradient by scale, as
-    torch.nn.utils.clip_grad_norm_ does (applied later, fused into the update)."""
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-    return (max_norm / (total + 1e-6)).clamp(max=1.0), total
+def compile_step(function, backend="inductor"):
+    """torch.compile(function, fullgraph=True) run with the two compiler settings the step
+    needs, set only while it runs (not process-wide): Dynamo traces torch.autograd.grad, and
+    compiled dropout draws eager's random numbers, so a compiled run equals an eager one."""
+    compiled = torch.compile(function, fullgraph=True, backend=backend)
+    import torch._inductor.config as inductor_config
 
-
-@torch.no_grad()
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay,
-                 keep):
-    """torch.optim.AdamW's update with every effect multiplied by `keep` (a 0-d float, 1 or
-    0): keep = 0 leaves the parameters, both moments and the step count exactly as they were.
-    grads must be finite (zeroed where the step is skipped)."""
-    beta1, beta2 = betas
-    torch._foreach_add_(steps, keep)
-    step = steps[0]
-    tiny = torch.finfo(torch.float32).tiny  # step 0 (only while keep = 0) must not divide by 0
-    bias1 = (1 - beta1 ** step).clamp(min=tiny)
-    bias2 = (1 - beta2 ** step).clamp(min=tiny)
-    lr_now = lr * keep
-    torch._foreach_mul_(params, 1 - lr_now * weight_decay)
-    delta = torch._foreach_sub(grads, exp_avgs)
-    torch._foreach_mul_(delta, (1 - beta1) * keep)
-    torch._foreach_add_(exp_avgs, delta)
-    delta = torch._foreach_sub(torch._foreach_mul(grads, grads), exp_avg_sqs)
-    torch._foreach_mul_(delta, (1 - beta2) * keep)
-    torch._foreach_add_(exp_avg_sqs, delta)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias2.sqrt())
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(update, -lr_now / bias1)
-    torch._foreach_add_(params, update)
-
-
-def make_optimizer(model, train_cfg, fused=True):
-    """AdamW over every trainable parameter. fused=True: torch's fused kernel (one kernel,
-    device-side skip), for the eager step. fused=False: plain and capturable (the step count
-    on the parameters' device), for the compiled and the graph-captured steps, which write
-    the update out themselves (adamw_update)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    if not fused:
-        return torch.optim.AdamW(params, capturable=params[0].is_cuda, **kw)
-    return torch.optim.AdamW(params, fused=True, **kw)
+    def run(*args):
+        with torch._dynamo.config.patch(trace_autograd_ops=True), \
+                inductor_config.patch(fallback_random=True):
+            return compiled(*args)
+    return run
 
 
 class Forward(NamedTuple):
@@ -158,11 +121,7 @@ class TrainStep:
                              "optimizer from make_optimizer(..., fused=False)")
         self.function = self.run_eager if fused else self.run
         if compile:
-            torch._dynamo.config.trace_autograd_ops = True  # trace torch.autograd.grad
-            # compiled dropout draws eager's random numbers: a compiled run equals an eager one
-            import torch._inductor.config as inductor_config
-            inductor_config.fallback_random = True
-            self.function = torch.compile(self.run, fullgraph=True)
+            self.function = compile_step(self.run)
         if cuda_graph:
             self.function = CapturedStep(self.function)
 

@@ -24,7 +24,8 @@ from .data.dataset import training_windows
 from .data.synthetic import oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
-from .step import TrainStep, make_optimizer
+from .optim import make_optimizer
+from .step import TrainStep
 
 log = logging.getLogger("autocdsr")
 

@@ -19,7 +19,8 @@ import torch
 from autocdsr.config import ModelConfig, TrainConfig
 from autocdsr.data.batches import cloze_capacity, target_slots
 from autocdsr.models import Recommender
-from autocdsr.step import TrainStep, make_optimizer
+from autocdsr.optim import make_optimizer
+from autocdsr.step import TrainStep
 from bench.report import device_name, save
 from bench.timing import interleaved_wall_times_ms, quantiles
 from kernels import reference_pareto as host_solver

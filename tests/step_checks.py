@@ -4,6 +4,8 @@ import copy
 
 import torch
 
+from autocdsr.step import compile_step
+
 
 def assert_compiled_step_matches_eager(model, batch, make_step, steps=2, atol=1e-5):
     """make_step(model, compile) -> TrainStep. The compiled twin is traced whole
@@ -11,7 +13,7 @@ def assert_compiled_step_matches_eager(model, batch, make_step, steps=2, atol=1e
     be, fails it; the graph-break check needs no Inductor C++ build."""
     twin = copy.deepcopy(model)
     eager, compiled = make_step(model, False), make_step(twin, True)
-    compiled.function = torch.compile(compiled.run, fullgraph=True, backend="aot_eager")
+    compiled.function = compile_step(compiled.run, backend="aot_eager")
     for _ in range(steps):
         a, b = eager(batch), compiled(batch)
         assert torch.allclose(a["lam"], b["lam"], atol=atol)

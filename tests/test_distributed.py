@@ -18,7 +18,8 @@ from autocdsr.data.dataset import build_leave_one_out
 from autocdsr.data.synthetic import generate
 from autocdsr.distributed import Comm
 from autocdsr.models import Recommender
-from autocdsr.step import TrainStep, make_optimizer
+from autocdsr.optim import make_optimizer
+from autocdsr.step import TrainStep
 
 WORLD = 2
 

@@ -112,7 +112,7 @@ def _tiny_model_and_losses(device, seed=0):
 
 
 def _gradients(model, losses, mode="pareto", lam=None, solve=True):
-    from autocdsr.step import balanced_gradients
+    from autocdsr.balancing import balanced_gradients
     params = list(model.parameters())
     index = [i for i, p in enumerate(params) if any(p is q for q in model.gram_parameters())]
     lam = torch.zeros(()) if lam is None else lam

@@ -14,7 +14,8 @@ from autocdsr.data.batches import bert4rec_train_batch, sasrec_train_batch
 from autocdsr.data.dataset import build_leave_one_out
 from autocdsr.data.synthetic import generate
 from autocdsr.models import Recommender
-from autocdsr.step import TrainStep, adamw_update, make_optimizer
+from autocdsr.optim import adamw_update, make_optimizer
+from autocdsr.step import TrainStep, compile_step
 from kernels.attention import triton_available
 
 from .step_checks import run_without_host_sync
@@ -76,7 +77,7 @@ def _one_step(model, batch, objective, compile, backend="aot_eager"):
     optimizer = make_optimizer(model, TrainConfig(lr=1e-2), fused=False)
     step = TrainStep(model, optimizer, loss="full", objective=objective, compile=compile)
     if compile:  # the graph-break check without inductor's C++ build: AOT autograd, eager ops
-        step.function = torch.compile(step.run, fullgraph=True, backend=backend)
+        step.function = compile_step(step.run, backend=backend)
     out = [step(batch) for _ in range(2)]
     return out, [p.detach().clone() for p in model.parameters()]
 
@@ -250,3 +251,17 @@ def test_graph_replay_runs_without_host_sync_on_gpu(case):
     assert step.function.captured == 1
     assert all(torch.isfinite(o["loss"]) for o in outs)
     assert outs[0]["loss"].item() != outs[1]["loss"].item()  # the new batch was used
+
+
+def test_compiler_settings_hold_only_while_the_compiled_step_runs():
+    import torch._inductor.config as inductor_config
+    seen = {}
+
+    def probe(x):
+        seen["trace"] = torch._dynamo.config.trace_autograd_ops
+        return x * 2
+
+    before = (torch._dynamo.config.trace_autograd_ops, inductor_config.fallback_random)
+    assert compile_step(probe, backend="eager")(torch.ones(2)).sum().item() == 4.0
+    assert seen["trace"] is True  # set while tracing
+    assert (torch._dynamo.config.trace_autograd_ops, inductor_config.fallback_random) == before

@@ -21,7 +21,8 @@ from autocdsr.data.synthetic import generate
 from autocdsr.evaluate import direct_domain_negatives, domain_negatives
 from autocdsr.losses import recommendation_loss, uniform_negatives
 from autocdsr.models import Recommender
-from autocdsr.step import TrainStep, make_optimizer
+from autocdsr.optim import make_optimizer
+from autocdsr.step import TrainStep
 from autocdsr.train import Trainer
 
 

@@ -15,7 +15,8 @@ from autocdsr.data.dataset import build_leave_one_out
 from autocdsr.data.synthetic import generate
 from autocdsr.models import Recommender
 from autocdsr.objectives import cross_domain_loss, cross_domain_loss_per_domain, domain_query_counts
-from autocdsr.step import TrainStep, make_optimizer
+from autocdsr.optim import make_optimizer
+from autocdsr.step import TrainStep
 from kernels import reference_pareto as ref
 
 from .step_checks import assert_compiled_step_matches_eager
