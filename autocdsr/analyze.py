@@ -39,6 +39,7 @@ def _load_model(run_dir, checkpoint="best.pt", device="cpu"):
 
 
 def pair_masses(run_dir, max_rows=512):
+    """Attention mass between domains per layer, at initialisation and trained, of a run."""
     cfg, data, trained, initial = _load_model(run_dir)
     kw = dict(max_len=cfg.data.max_len, max_rows=max_rows)
     return {"init": domain_pair_mass(initial, data, data.test, **kw),
@@ -148,6 +149,7 @@ def strata(run_dir, single_dir, against=(), k=10):
 
 
 def plot_strata(result, path):
+    """Bar chart of the outcome strata (counts and mean cross-domain mass) of strata()."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,6 +172,8 @@ def plot_strata(result, path):
 
 
 def analyze(run_dir, against=(), max_rows=512, single=None):
+    """Write a run's pair-mass matrices, trajectory plot (and strata with `single`); returns the
+    folder."""
     out = os.path.join(run_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     result = pair_masses(run_dir, max_rows)

@@ -8,6 +8,8 @@ import torch
 
 
 def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
@@ -24,6 +26,7 @@ def save_atomic(obj, path):
 
 
 def write_text_atomic(text, path):
+    """Write text to a temporary file, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
@@ -32,10 +35,12 @@ def write_text_atomic(text, path):
 
 
 class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, phrased for the user."""
     pass
 
 
 def load_safe(path, map_location="cpu"):
+    """torch.load of a checkpoint, raising CheckpointError with the path when it cannot be read."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:

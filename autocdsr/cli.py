@@ -88,6 +88,7 @@ def _export(args):
 
 
 def main(argv=None):
+    """The `autocdsr` command; returns the exit status (2 for a user error, printed on one line)."""
     parser = argparse.ArgumentParser(prog="autocdsr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a model (synthetic data by default)",

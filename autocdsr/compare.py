@@ -27,6 +27,7 @@ SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.sy
 
 
 class CompareError(ValueError):
+    """Runs that cannot share one table, phrased for the user."""
     pass
 
 
@@ -124,6 +125,7 @@ def _fmt_cell(cell):
 
 
 def markdown(rows, header):
+    """The comparison table as Markdown."""
     columns = [c["column"] for c in rows[0]["cells"]]
     lines = [header, "", "| group | seeds | " + " | ".join(columns) + " |",
              "|" + "---|" * (len(columns) + 2)]
@@ -134,6 +136,7 @@ def markdown(rows, header):
 
 
 def to_csv(rows):
+    """The comparison table as CSV text."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["group", "seeds", "column", "mean", "std", "diff_to_baseline", "p_paired"])

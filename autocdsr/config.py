@@ -17,6 +17,7 @@ def opt(default, help, factory=False):
 
 @dataclass
 class DataConfig:
+    """data.*: where the interactions come from and how they are split and batched."""
     path: str = opt("", "folder or .inter file; empty = the synthetic default")
     name: str = opt("", "NAME of NAME.{train,valid,test}.inter inside a folder")
     split: str = opt("loo", "loo | files")
@@ -32,6 +33,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """model.*: the backbone and its size."""
     arch: str = opt("sasrec", "sasrec | bert4rec")
     layers: int = opt(2, "transformer blocks")
     heads: int = opt(2, "attention heads")
@@ -46,6 +48,7 @@ class ModelConfig:
 
 @dataclass
 class WeightingConfig:
+    """weighting.*: how L_cd is weighed against L_rec."""
     mode: str = opt("pareto", "pareto | mgda | fixed | none")
     lam: float = opt(0.1, "for mode=fixed")
     every: int = opt(1, "reuse lambda for N steps")
@@ -58,6 +61,7 @@ class WeightingConfig:
 
 @dataclass
 class TrainConfig:
+    """train.*: the optimisation and the step's execution mode."""
     epochs: int = opt(10, "training epochs (fewer with early stopping)")
     batch_size: int = opt(128, "sequences per step (the global batch under torchrun)")
     lr: float = opt(1e-3, "AdamW peak learning rate")
@@ -81,6 +85,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """eval.*: the ranking protocol and metrics."""
     protocol: str = opt("full", "full | uni100_vocab | uni999_domain")
     ks: List[int] = opt(lambda: [5, 10, 20], "cut-offs K of HR@K and NDCG@K", factory=True)
     batch_size: int = opt(256, "evaluation rows per batch")
@@ -91,11 +96,13 @@ class EvalConfig:
 
 @dataclass
 class AttentionConfig:
+    """attention.*: which attention backend the model runs."""
     backend: str = opt("auto", "auto | reference | sdpa | triton")
 
 
 @dataclass
 class Config:
+    """A whole run's configuration (every section, the objective and the run folder)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: str = opt("base", "base | autocdsr | autocdsr_plus")
@@ -127,6 +134,7 @@ class ConfigError(ValueError):
 
 
 def valid_keys(node=None, prefix=""):
+    """Every dotted config key, in definition order."""
     node = OmegaConf.structured(Config) if node is None else node
     keys = []
     for key in node:
@@ -210,6 +218,7 @@ def load_config(config_file=None, overrides=(), base=None):
 
 
 def check_config(cfg):
+    """Raise ConfigError for a value or a combination of values that cannot run."""
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -271,4 +280,5 @@ def check_config(cfg):
 
 
 def to_yaml(cfg):
+    """The config as YAML text (what a run folder's config.yaml holds)."""
     return OmegaConf.to_yaml(cfg)

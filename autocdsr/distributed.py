@@ -83,6 +83,7 @@ class Comm:
         return box[0]
 
     def barrier(self):
+        """Wait for every process (no-op in one process)."""
         if self.active:
             dist.barrier()
 

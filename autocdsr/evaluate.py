@@ -177,6 +177,7 @@ def uses_cosine(cfg):
 
 
 def model_scorer(model, amp_dtype=None, cosine=False):
+    """score_fn of a model for target_ranks (dot scores, or cosine for cosine-trained models)."""
     def score(batch, candidates):
         with torch.autocast(batch["items"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             hidden, _ = model(batch["items"], batch["domains"], batch["seq_lens"])
@@ -204,6 +205,7 @@ def table_scorer(table, device):
 
 
 def popularity_scorer(popularity, device):
+    """score_fn of the most-popular baseline (training counts)."""
     return table_scorer(popularity[: len(popularity) - 1], device)
 
 

@@ -39,6 +39,7 @@ def _weighted_mean(per_row, row_weight, denominator=None):
 
 
 def full_softmax_loss(states, weights, targets, row_weight, denominator=None, bias=None):
+    """Cross-entropy over every item, in row chunks recomputed in the backward."""
     rows = max(1, FULL_CHUNK_ELEMENTS // weights.shape[0])
     total = states.new_zeros((), dtype=torch.float32)
     for lo in range(0, states.shape[0], rows):
@@ -62,6 +63,7 @@ def _inbatch_masks(targets, row_weight):
 
 
 def inbatch_loss(states, weights, targets, row_weight, denominator=None):
+    """Contrastive loss over the batch's targets: cosine / tau, same-target positions masked."""
     logits = _cosine_logits(states, weights[targets]).float()
     same, usable, eye = _inbatch_masks(targets, row_weight)
     # Positions sharing a target item are not each other's negatives.
@@ -72,6 +74,7 @@ def inbatch_loss(states, weights, targets, row_weight, denominator=None):
 
 
 def inbatch_official_loss(states, weights, targets, row_weight=None, denominator=None):
+    """The official AutoCDSR code's in-batch loss, exactly (see the module docstring)."""
     if row_weight is None:
         row_weight = torch.ones(len(targets), device=states.device)
     logits = _cosine_logits(states, weights[targets]).float()

@@ -5,18 +5,22 @@ import numpy as np
 
 
 def hit_rate(ranks, k):
+    """HR@k: the share of targets ranked in the top k."""
     return float(np.mean(ranks < k)) if len(ranks) else 0.0
 
 
 def ndcg(ranks, k):
+    """NDCG@k with one relevant item: 1 / log2(rank + 2) inside the top k."""
     return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0))) if len(ranks) else 0.0
 
 
 def mrr(ranks):
+    """Mean reciprocal rank."""
     return float(np.mean(1.0 / (ranks + 1.0))) if len(ranks) else 0.0
 
 
 def metric_table(ranks, ks):
+    """{HR@k, NDCG@k for each k, MRR} of some ranks."""
     table = {}
     for k in ks:
         table[f"HR@{k}"] = hit_rate(ranks, k)

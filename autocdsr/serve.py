@@ -27,6 +27,7 @@ from .evaluate import uses_cosine
 
 
 class ServeError(ValueError):
+    """A serving request that cannot be met, phrased for the user."""
     pass
 
 
@@ -79,6 +80,8 @@ def user_states(cfg, data, model, seqs, mask_domains, batch_size=256, device="cp
 
 
 def item_vectors(cfg, model):
+    """[num_items + 1, H] item vectors to score states against ([H + 1] with the item bias as a
+    last column)."""
     weights = model.item_weights()[1:].float().detach()
     if uses_cosine(cfg):
         return F.normalize(weights, dim=-1)
@@ -102,6 +105,7 @@ def _select_users(seqs, users_file):
 
 def recommend(checkpoint, k, out, users_file=None, domain=None, include_history=False,
               batch_size=256, device="cpu"):
+    """Write the top-k items per user as TSV; returns the number of lines written."""
     cfg, data, model = load_for_serving(checkpoint, device)
     seqs = full_histories(data)
     rows = _select_users(seqs, users_file)
@@ -144,6 +148,8 @@ def recommend(checkpoint, k, out, users_file=None, domain=None, include_history=
 
 
 def export(checkpoint, out, batch_size=256, device="cpu"):
+    """Write item vectors and user states as .npy files with a metadata JSON; returns the metadata.
+    """
     cfg, data, model = load_for_serving(checkpoint, device)
     seqs = full_histories(data)
     os.makedirs(out, exist_ok=True)

@@ -222,6 +222,7 @@ class TrainStep:
 
     # ---------------------------------------------------------------- the host side
     def solves_this_step(self):
+        """Whether this step solves for lambda (else it reuses the last one)."""
         return self.mode in ("pareto", "mgda") and self.steps % self.every == 0
 
     def __call__(self, batch):
@@ -243,10 +244,12 @@ class TrainStep:
         return stats
 
     def state_dict(self):
+        """The step's resumable state (lambda, cosine, counters, step count)."""
         return {"lam": self.lam, "cosine": self.cosine, "fallbacks": self.fallbacks,
                 "skipped": self.skipped, "bad_in_row": self.bad_in_row, "steps": self.steps}
 
     def load_state_dict(self, state):
+        """Restore state_dict()'s state."""
         for key in ("lam", "cosine", "fallbacks", "skipped", "bad_in_row"):
             if key in state:
                 setattr(self, key, state[key].to(self.lam.device))

@@ -55,6 +55,8 @@ warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_schedu
 
 
 class Trainer:
+    """One training run: data, model, optimizer, scheduler and step, the epoch loop, evaluation and
+    the run folder."""
     def __init__(self, cfg, data=None):
         self.cfg = cfg
         self.comm, device = distributed.init(cfg.train.device)
@@ -118,6 +120,8 @@ class Trainer:
         return sums
 
     def state(self):
+        """Everything needed to resume the run exactly (weights, optimizer, scheduler, counters,
+        RNG)."""
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "balanced": self.step.state_dict(),
@@ -132,6 +136,7 @@ class Trainer:
         }
 
     def load_state(self, state):
+        """Restore state()'s content (refused on another number of processes)."""
         if state.get("world_size", 1) != self.comm.world:
             raise ValueError(f"this run was trained on {state.get('world_size', 1)} processes; "
                              f"resume it on as many (got {self.comm.world}): the global batch "
@@ -180,6 +185,8 @@ class Trainer:
             yield to_device(batch, self.device)
 
     def train_step(self, batch):
+        """One optimizer step and one scheduler step; the step's scalars are queued on the device.
+        """
         out = self.step(batch)
         self.scheduler.step()
         row = [out["loss"], out["cd"], out["lam"], out["cosine"], out["skipped"],
@@ -216,6 +223,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def save(self, name):
+        """Write the resumable state to run_dir/name (rank 0 only)."""
         if self.comm.main:  # one writer for the run directory
             save_atomic(self.state(), os.path.join(self.cfg.run_dir, name))
 
@@ -227,6 +235,7 @@ class Trainer:
         return evaluate_split(scorer, self.data, split, self.cfg, self.device, desc, self.comm)
 
     def fit(self):
+        """The epoch loop with validation and early stopping; then finish()."""
         cfg = self.cfg
         if self.comm.main:
             os.makedirs(cfg.run_dir, exist_ok=True)
@@ -303,6 +312,8 @@ class Trainer:
         return " | ".join(parts)
 
     def finish(self):
+        """Evaluate the best checkpoint (valid, test, MostPop, the oracle) and write metrics.json.
+        """
         cfg = self.cfg
         best = getattr(self, "best_weights", None)  # in memory on every rank
         if best is None:  # a resumed run whose best epoch came before the interruption
@@ -360,6 +371,8 @@ def setup_logging(run_dir):
 
 
 def train(cfg, resume_state=None, data=None):
+    """Train a run from its config (resuming from a last.pt state if given); returns metrics.json's
+    content."""
     setup_logging(cfg.run_dir)
     trainer = Trainer(cfg, data)
     clean = False

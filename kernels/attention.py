@@ -416,6 +416,7 @@ def _backward_dq_kernel(
 
 def dot_precision(dtype):
     # fp32 inputs must not silently drop to TF32: the fp32 oracle would then be 1e-3 away.
+    """The tl.dot input precision for a dtype."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
@@ -627,6 +628,7 @@ def _row_inputs(domains, seq_lens, batch, length, device):
 
 def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
                     scale=None):
+    """cross_domain_attention's triton backend: (out, mass) from the fused kernels."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
     domains, seq_lens = _row_inputs(domains, seq_lens, q.shape[0], q.shape[2], q.device)

@@ -127,6 +127,7 @@ def _divisibility(kernel, tensors):
 
 
 def compile_variant(kernel, tensors, constexprs, warps, stages, arch):
+    """Compile one kernel variant ahead of time; its shared memory, registers and spills."""
     src = ASTSource(fn=kernel, signature=_signature(kernel, tensors, constexprs),
                     constexprs=constexprs, attrs=_divisibility(kernel, tensors))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -159,6 +160,7 @@ def check(arches, name_filter="", workers=None):
 
 
 def main(argv=None):
+    """Compile every variant for the given architectures and print / write the report."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--filter", default="", help="only variants whose name contains this")

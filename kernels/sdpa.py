@@ -31,6 +31,7 @@ def _domain_columns(domains, num_domains):
 
 def sdpa_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
                    scale=None, num_domains=None):
+    """cross_domain_attention's sdpa backend: V augmented with domain indicator columns."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     batch, heads, length, head_dim = q.shape
     allowed, _ = allowed_and_cross(domains, causal=causal, num_bottleneck=num_bottleneck,

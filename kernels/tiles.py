@@ -26,6 +26,7 @@ TUNED = {}
 
 
 def length_bucket(length):
+    """The length bucket (upper bound) a sequence length falls in."""
     return next(bound for bound in LENGTH_BUCKETS if length <= bound)
 
 
@@ -35,6 +36,7 @@ def block_d(head_dim):
 
 
 def precision(dtype):
+    """The precision key of a dtype in the tile tables."""
     return "fp32" if dtype == torch.float32 else "half"
 
 

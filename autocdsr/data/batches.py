@@ -130,4 +130,5 @@ def _tensors(items, domains, lengths, targets):
 
 
 def to_device(batch, device):
+    """The batch's tensors on `device` (non-blocking: pinned host tensors copy asynchronously)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

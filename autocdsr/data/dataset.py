@@ -28,12 +28,15 @@ class Sequences:
         return len(self.offsets) - 1
 
     def row(self, r):
+        """(items, domains) of row r."""
         lo, hi = self.offsets[r], self.offsets[r + 1]
         return self.items[lo:hi], self.domains[lo:hi]
 
 
 @dataclass
 class SequenceData:
+    """A dataset: token maps, the train / valid / test sequences, popularity and per-domain item
+    pools."""
     name: str
     item_tokens: np.ndarray     # dense item id - 1 -> original token
     domain_tokens: np.ndarray   # dense domain id -> original token (int)
@@ -53,6 +56,7 @@ class SequenceData:
         return len(self.domain_tokens)
 
     def summary(self):
+        """One line describing the dataset's size."""
         return (f"{self.name}: {self.num_items} items, {self.num_domains} domains "
                 f"({', '.join(str(t) for t in self.domain_tokens)}), {len(self.train)} train "
                 f"sequences ({len(self.train.items)} events), {len(self.valid)} valid / "

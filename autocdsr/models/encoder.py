@@ -7,6 +7,7 @@ import kernels
 
 
 class CrossDomainSelfAttention(nn.Module):
+    """Multi-head self-attention that also returns each query's cross-domain mass."""
     def __init__(self, hidden, heads, dropout, backend, num_domains, head_dim=0):
         super().__init__()
         self.heads, self.backend, self.num_domains = heads, backend, num_domains
@@ -28,6 +29,7 @@ class CrossDomainSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block: attention (with its mass), then a feed-forward layer."""
     def __init__(self, hidden, heads, dropout, backend, num_domains=None, head_dim=0,
                  ffn_hidden=0):
         super().__init__()

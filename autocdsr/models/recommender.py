@@ -18,6 +18,7 @@ SHARED_SETS = ("reached", "last_layer", "all_but_items", "all")
 
 
 class Recommender(nn.Module):
+    """SASRec or BERT4Rec over the encoder, scoring items with the tied item table."""
     def __init__(self, cfg, num_items, num_domains, max_len, backend="auto", mask_domain="target"):
         """cfg: the model config (arch, layers, heads, hidden, dropout, bottleneck_tokens,
         bottleneck_layers, head_dim, ffn_hidden), e.g. autocdsr.config.ModelConfig."""

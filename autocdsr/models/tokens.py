@@ -16,6 +16,8 @@ MASK_DOMAIN_MODES = ("target", "hidden")
 
 @dataclass(frozen=True)
 class TokenSpec:
+    """Item and domain ids of padding, [MASK] and the bottleneck tokens for one dataset and mask
+    mode."""
     num_items: int
     num_domains: int
     hide_mask_domain: bool = False
