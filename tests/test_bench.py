@@ -66,6 +66,15 @@ def test_train_benchmark_times_the_lambda_reuse_steps():
     assert all(r["ratio_to_base"] > 0 for r in rows)
 
 
+def test_train_benchmark_rows_name_their_gram_set():
+    size = dict(bench_train.QUICK, batch=4, length=12, items=50, steps=1)
+    cases = [("bert4rec", "base"), ("bert4rec", "autocdsr"), ("bert4rec", "autocdsr_last"),
+             ("bert4rec", "autocdsr_plus_last")]
+    rows = bench_train.run(torch.device("cpu"), size, ["sdpa"], log=lambda _: None, cases=cases)
+    assert [r["shared"] for r in rows] == ["-", "reached", "last_layer", "last_layer"]
+    assert "| last_layer |" in bench_train.markdown(rows, "cpu", size, "full")
+
+
 @pytest.mark.skipif(not kernels.triton_available(torch.device("cpu")), reason="needs TRITON_INTERPRET=1")
 def test_tile_sweep_checks_each_candidate_against_the_rule():
     """The sweep runs every candidate (here under the interpreter, fp32, one short shape),
