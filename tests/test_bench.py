@@ -26,7 +26,8 @@ def test_attention_suite_on_cpu():
 def test_train_benchmark_on_cpu():
     size = dict(bench_train.QUICK, batch=4, length=12, items=50, steps=2)
     rows = bench_train.run(torch.device("cpu"), size, ["sdpa"], log=lambda _: None)
-    assert {r["objective"] for r in rows} == {"base", "autocdsr", "paper_autocdsr", "autocdsr_plus"}
+    assert {r["objective"] for r in rows} == {"base", "autocdsr", "autocdsr_last", "paper_autocdsr",
+                                              "autocdsr_plus", "autocdsr_plus_last"}
     assert all(r["ms_median"] > 0 for r in rows)
     assert all(r["ratio_to_base"] == 1.0 for r in rows if r["objective"] == "base")
 
