@@ -48,10 +48,19 @@ def pair_masses(run_dir, max_rows=512):
 
 
 def _title(run_dir):
+    """arch objective/weighting, its weighting variants if any, and the seed."""
     with open(os.path.join(run_dir, "metrics.json")) as f:
         m = json.load(f)
     mode = f"/{m.get('weighting')}" if m.get("objective") != "base" else ""
-    return f"{m['arch']} {m['objective']}{mode} (seed {m['seed']})"
+    variants = ""
+    if m.get("objective") != "base" and os.path.exists(os.path.join(run_dir, "config.yaml")):
+        weighting = OmegaConf.load(os.path.join(run_dir, "config.yaml")).get("weighting", {})
+        parts = [f"layers={list(weighting.get('layers'))}" if weighting.get("layers") else "",
+                 "per_domain" if weighting.get("per_domain") else "",
+                 "gate" if weighting.get("gate") else ""]
+        variants = " ".join(p for p in parts if p)
+        variants = f" {variants}" if variants else ""
+    return f"{m['arch']} {m['objective']}{mode}{variants} (seed {m['seed']})"
 
 
 def plot_pair_mass(panels, path):
