@@ -160,7 +160,7 @@ class TrainStep:
 
         loss_cd = cross_domain_loss(model.objective_masses(masses, self.layers), query_mask,
                                     denominator=cd_count)
-        tasks = balanced(self.layers)
+        tasks = balanced(self.layers) if self.num_tasks else loss_cd  # not computed twice
         block_input = tasks_below = None
         if self.one_layer:
             block_input, below = block_inputs[self.layers[-1]], self.layers[:-1]
