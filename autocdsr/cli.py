@@ -47,17 +47,10 @@ def _train(args):
 def _evaluate(args):
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: no such file")
-    import torch
-    from .build import load_checkpoint, resolve_device
-    from .evaluate import evaluate_split, format_table, model_scorer, uses_cosine
-    device = resolve_device("auto")
-    cfg, data, model = load_checkpoint(args.checkpoint, args.overrides, device)
-    amp = torch.bfloat16 if device.type == "cuda" else None  # as the trainer evaluates
-    scorer = model_scorer(model, amp, uses_cosine(cfg))
-    for name, split in (("valid", data.valid), ("test", data.test)):
-        result = evaluate_split(scorer, data, split, cfg, device, name)
-        print(format_table(f"{data.name} {cfg.model.arch} | {name}", cfg.eval.protocol,
-                           result, list(cfg.eval.ks), cfg.eval.negative_draws))
+    from .reevaluate import reevaluate
+    reevaluate(args.checkpoint, args.overrides, args.out)
+    if args.out:
+        print(f"wrote {args.out}/config.yaml, metrics.json")
 
 
 def _analyze(args):
@@ -100,7 +93,10 @@ def main(argv=None):
                          help="config overrides, e.g. model.arch=bert4rec (keys below)")
     p_eval = sub.add_parser("evaluate", help="evaluate a checkpoint")
     p_eval.add_argument("--checkpoint", required=True)
-    p_eval.add_argument("overrides", nargs="*")
+    p_eval.add_argument("--out", metavar="DIR",
+                        help="also write config.yaml + metrics.json there (a run folder for compare)")
+    p_eval.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="on top of the run's config, e.g. eval.negative_draws=10")
     p_an = sub.add_parser("analyze", help="attention-mass figures and the weight trajectory")
     p_an.add_argument("run_dir")
     p_an.add_argument("--against", nargs="*", default=[], metavar="RUN_DIR")

@@ -19,13 +19,10 @@ import shutil
 
 import numpy as np
 
-from omegaconf import OmegaConf
-
 from autocdsr.analyze import analyze, plot_trajectory
-from autocdsr.build import load_checkpoint
 from autocdsr.compare import compare
 from autocdsr.config import load_config
-from autocdsr.evaluate import evaluate_split, model_scorer, popularity_scorer, uses_cosine
+from autocdsr.reevaluate import reevaluate
 from autocdsr.train import train
 
 VARIANTS = {
@@ -69,27 +66,11 @@ def run_variant(out, name, seed, settings):
     return run_dir
 
 
-def reevaluate(run_dir, protocol, out_dir):
+def reevaluate_run(run_dir, protocol, out_dir):
     """best.pt of a finished run evaluated under another protocol, written as a run folder
-    (config.yaml + metrics.json) that autocdsr compare reads. Reused when it exists."""
-    done = os.path.join(out_dir, "metrics.json")
-    if os.path.exists(done):
-        return out_dir
-    cfg, data, model = load_checkpoint(os.path.join(run_dir, "best.pt"),
-                                       [f"eval.protocol={protocol}", f"run_dir={out_dir}"])
-    score = model_scorer(model, None, uses_cosine(cfg))
-    metrics = {"protocol": protocol, "seed": cfg.train.seed, "dataset": data.name,
-               "reevaluated_from": run_dir,
-               "valid": evaluate_split(score, data, data.valid, cfg, "cpu", "valid"),
-               "test": evaluate_split(score, data, data.test, cfg, "cpu", "test"),
-               "baseline_mostpop_test": evaluate_split(
-                   popularity_scorer(data.popularity, "cpu"), data, data.test, cfg, "cpu",
-                   "mostpop")}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(cfg))
-    with open(done, "w") as f:
-        json.dump(metrics, f, indent=1)
+    that autocdsr compare reads. Reused when it exists."""
+    if not os.path.exists(os.path.join(out_dir, "metrics.json")):
+        reevaluate(os.path.join(run_dir, "best.pt"), [f"eval.protocol={protocol}"], out_dir)
     return out_dir
 
 
@@ -142,7 +123,7 @@ def main(argv=None):
         text, _ = compare(dirs, out=os.path.join(args.out, arch))
         report += [f"## {arch}", "", text, ""]
         if args.also_protocol:
-            again = [reevaluate(d, args.also_protocol, d.replace(os.sep + "runs" + os.sep,
+            again = [reevaluate_run(d, args.also_protocol, d.replace(os.sep + "runs" + os.sep,
                                                                  f"{os.sep}runs_{args.also_protocol}{os.sep}"))
                      for d in dirs]
             text, _ = compare(again, out=os.path.join(args.out, f"{arch}_{args.also_protocol}"))

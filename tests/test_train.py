@@ -120,3 +120,21 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     for value in trainer.model.state_dict().values():  # NaN never reached the weights
         assert torch.isfinite(value).all()
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_reevaluated_checkpoint_is_a_run_folder_compare_reads(tmp_path):
+    from autocdsr.compare import load_run
+    from autocdsr.reevaluate import reevaluate
+    run = tmp_path / "run"
+    train(load_config(None, TINY + ["train.epochs=1", f"run_dir={run}"]))
+    trained = json.loads((run / "metrics.json").read_text())
+    same = reevaluate(str(run / "best.pt"), [], str(tmp_path / "same"), device="cpu",
+                      log=lambda text: None)
+    for key, value in trained["test"]["overall"].items():  # same checkpoint, same draw
+        assert same["test"]["overall"][key] == pytest.approx(value, abs=1e-6), key
+    assert same["best_epoch"] == trained["best_epoch"] and same["objective"] == "base"
+    more = reevaluate(str(run / "best.pt"), ["eval.negative_draws=3"], str(tmp_path / "more"),
+                      device="cpu", log=lambda text: None)
+    assert more["negative_draws"] == 3 and more["test"] != trained["test"]
+    cfg, metrics = load_run(str(tmp_path / "more"))
+    assert cfg.eval.negative_draws == 3 and metrics["test"] == more["test"]
