@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from .checkpoint import load_safe
 from .config import load_config
-from .data.dataset import build_leave_one_out, keep_domains, keep_target_domains, load_dataset
+from .data.dataset import (build_leave_one_out, keep_domains, keep_shared_targets,
+                           keep_target_domains, last_two_domains, load_dataset)
 from .data.synthetic import generate
 from .models import Recommender
 
@@ -38,9 +39,13 @@ def load_data(cfg):
         frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed,
                          spurious=cfg.data.synthetic_spurious)
         data = build_leave_one_out(keep_domains(frame, domains), "synthetic")
+        if cfg.data.shared_targets:
+            data = keep_shared_targets(data, last_two_domains(frame), domains)
         oracle = None if domains else frame["oracle"]  # its cursors assume every domain
     else:
-        data, oracle = load_dataset(cfg.data.path, cfg.data.name, cfg.data.split, domains), None
+        data = load_dataset(cfg.data.path, cfg.data.name, cfg.data.split, domains,
+                            cfg.data.shared_targets)
+        oracle = None
     return keep_target_domains(data, list(cfg.data.target_domains)), oracle
 
 

@@ -157,3 +157,27 @@ def test_the_data_layer_imports_nothing_from_kernels():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kernels', 'triton')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_shared_targets_give_single_and_cross_domain_runs_the_same_test_targets(tmp_path):
+    from autocdsr.build import load_data
+    from autocdsr.config import load_config
+    from autocdsr.data.dataset import keep_shared_targets, last_two_domains
+    base = ["data.synthetic_users=200"]
+    single, _ = load_data(load_config(None, base + ["data.domains=[0]", "data.shared_targets=true"]))
+    cross, _ = load_data(load_config(None, base + ["data.target_domains=[0]"]))
+    single_tokens = lambda d, s: sorted(zip(s.users.tolist(), d.item_tokens[s.targets - 1].tolist()))
+    assert single_tokens(single, single.test) == single_tokens(cross, cross.test)
+    assert len(single.test) > 10 and set(single.test.target_domains) == {0}
+    # valid: the single run's valid target is the all-domain one only where the last two are kept
+    assert set(single_tokens(single, single.valid)) <= set(single_tokens(cross, cross.valid))
+    # the same on a file, with a tie in timestamps kept in file order
+    body = HEADER + "".join(f"u1\ti{k}\t{d}\t{t}\n" for k, (d, t) in
+                            enumerate([(0, 0), (1, 1), (0, 2), (0, 2), (1, 3)])) \
+        + "".join(f"u2\tj{k}\t{d}\t{k}\n" for k, d in enumerate([1, 0, 0, 0]))
+    path = write(tmp_path / "x.inter", body)
+    assert last_two_domains(read_inter(path)) == {"u1": (0, 1), "u2": (0, 0)}
+    data = load_dataset(path, domains=[0], shared_targets=True)
+    assert data.test.users.tolist() == ["u2"] and data.valid.users.tolist() == ["u2"]
+    with pytest.raises(DataError, match="no valid target"):
+        keep_shared_targets(load_dataset(path, domains=[0]), {"u1": (0, 1), "u2": (0, 1)}, [0])

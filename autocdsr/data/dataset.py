@@ -258,9 +258,40 @@ def select_rows(seqs, rows):
                      pick(seqs.targets), pick(seqs.target_domains), pick(seqs.users))
 
 
-def load_dataset(path, name="", split="loo", domains=None):
+def last_two_domains(frame):
+    """{user token: (domain token of the second-to-last event, of the last)} in the order
+    leave-one-out splits by ((timestamp, file order) per user); None for a 1-event user's first."""
+    users = np.asarray(frame["user"].to_pylist(), dtype=object)
+    order = np.lexsort((frame["timestamp"], users.astype(str)))
+    domains = frame["domain"][order]
+    users = users[order]
+    ends = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1]
+    return {users[e]: (domains[e - 1] if e > 0 and users[e - 1] == users[e] else None, domains[e])
+            for e in ends}
+
+
+def keep_shared_targets(data, last_two, domains):
+    """Leave-one-out evaluation rows of a data.domains run whose target is also the all-domain
+    split's target: test rows of users whose last event is of a kept domain, valid rows of
+    users whose last two events are. A single-domain run filtered so and a cross-domain run
+    with data.target_domains = the same domains then score the same test targets."""
+    kept = {int(d) for d in domains}
+    for label, needs_both in (("valid", True), ("test", False)):
+        split = getattr(data, label)
+        ok = [last_two[u][1] in kept and (not needs_both or last_two[u][0] in kept)
+              for u in split.users]
+        rows = np.flatnonzero(ok)
+        if not len(rows):
+            raise DataError(f"data.shared_targets: no {label} target of domains {sorted(kept)} "
+                            f"is also an all-domain target")
+        setattr(data, label, select_rows(split, rows))
+    return data
+
+
+def load_dataset(path, name="", split="loo", domains=None, shared_targets=False):
     """Load a folder (predefined split files, or one NAME.inter for leave-one-out) or a file;
-    domains: keep only these domain tokens' events (a single-domain baseline)."""
+    domains: keep only these domain tokens' events (a single-domain baseline); shared_targets:
+    then keep only the evaluation targets an all-domain split also has (keep_shared_targets)."""
     if os.path.isdir(path):
         name = name or os.path.basename(os.path.normpath(path))
         if split == "files":
@@ -274,5 +305,6 @@ def load_dataset(path, name="", split="loo", domains=None):
         path = found[0]
     if split == "files":
         raise DataError(f"{path}: data.split=files needs a folder with NAME.{{train,valid,test}}.inter")
-    return build_leave_one_out(keep_domains(read_inter(path), domains),
-                               name or os.path.basename(path).split(".")[0])
+    frame = read_inter(path)
+    data = build_leave_one_out(keep_domains(frame, domains), name or os.path.basename(path).split(".")[0])
+    return keep_shared_targets(data, last_two_domains(frame), domains) if shared_targets else data
