@@ -12,6 +12,7 @@ from .config import load_config
 from .data.dataset import (build_leave_one_out, keep_domains, keep_shared_targets,
                            keep_target_domains, last_two_domains, load_dataset)
 from .data.synthetic import generate
+from .data.synthetic_negative import generate_negative
 from .models import Recommender
 
 
@@ -36,8 +37,11 @@ def load_data(cfg):
     generator's oracle state (None for real data)."""
     domains = list(cfg.data.domains)
     if not cfg.data.path:
-        frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed,
-                         spurious=cfg.data.synthetic_spurious)
+        if cfg.data.synthetic_mode == "negative":
+            frame = generate_negative(cfg.data.synthetic_users, seed=cfg.train.seed)
+        else:
+            frame = generate(cfg.data.synthetic_users, seed=cfg.train.seed,
+                             spurious=cfg.data.synthetic_spurious)
         data = build_leave_one_out(keep_domains(frame, domains), "synthetic")
         if cfg.data.shared_targets:
             data = keep_shared_targets(data, last_two_domains(frame), domains)

@@ -22,7 +22,7 @@ DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam"
 VARIANT_KEYS = ("weighting.layers", "weighting.per_domain", "weighting.gate")
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
-                "data.synthetic_spurious", "data.domains", "data.target_domains",
+                "data.synthetic_spurious", "data.synthetic_mode", "data.domains", "data.target_domains",
                 "data.mask_domain", "eval.protocol", "eval.ks", "eval.negative_draws")
 
 
@@ -184,3 +184,37 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
         with open(os.path.join(out, "compare.csv"), "w") as f:
             f.write(to_csv(rows))
     return text, rows
+
+
+def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
+    """Negative transfer, per domain: single-domain base runs (data.domains=[d],
+    data.shared_targets=true) against the cross-domain base's rows of target domain d, which
+    are the same test targets. single_dirs: {domain token: [run dirs]}; cross_dirs: the
+    cross-domain base runs (one per seed). A positive difference (cross - single) is positive
+    transfer, a negative one negative transfer. Returns (markdown text, rows)."""
+    cross = [(d, *load_run(d)) for d in cross_dirs]
+    protocol = cross[0][2]["protocol"]
+    lines = [f"Protocol: {protocol}; test split; the cross-domain base's rows of target domain d "
+             "against a base trained on domain d alone, scored on the same targets; mean ± std "
+             "over seeds; in brackets: cross - single and the paired t-test p-value.", "",
+             "| target domain | targets (cross / single) | " +
+             " | ".join(f"single {k} | cross {k}" for k in metric_keys) + " |",
+             "|" + "---|" * (2 + 2 * len(metric_keys))]
+    all_rows = []
+    for domain, dirs in sorted(single_dirs.items()):
+        single = [(d, *load_run(d)) for d in dirs]
+        for run_dir, _, metrics in single:
+            if metrics["protocol"] != protocol:
+                raise CompareError(f"{run_dir}: protocol {metrics['protocol']}, the cross-domain "
+                                   f"runs use {protocol}")
+        token = str(domain)
+        as_domain = lambda m: {**m, "test": {"overall": m["test"]["per_domain"][token],
+                                             "per_domain": {}}}
+        groups = {"single": [(c.train.seed, m, d) for d, c, m in single],
+                  "cross": [(c.train.seed, as_domain(m), d) for d, c, m in cross]}
+        rows = summarize(groups, "single", list(metric_keys), [])
+        count = lambda g: groups[g][0][1]["test"]["overall"]["count"]
+        cells = [_fmt_cell(c) for pair in zip(rows[0]["cells"], rows[1]["cells"]) for c in pair]
+        lines.append(f"| {token} | {count('cross')} / {count('single')} | " + " | ".join(cells) + " |")
+        all_rows.append({"domain": token, "rows": rows})
+    return "\n".join(lines), all_rows

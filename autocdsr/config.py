@@ -31,6 +31,8 @@ class DataConfig:
                                       "also has, to compare single- and cross-domain runs")
     synthetic_users: int = opt(3000, "users of the synthetic default data")
     synthetic_spurious: bool = opt(True, "false: the control without the train-only shortcut")
+    synthetic_mode: str = opt("positive", "positive: the default data | negative: adds a domain "
+                                          "(3) that cross-domain attention hurts")
 
 
 @dataclass
@@ -88,7 +90,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """eval.*: the ranking protocol and metrics."""
-    protocol: str = opt("full", "full | uni100_vocab | uni999_domain")
+    protocol: str = opt("full", "full | full_domain | uni100_vocab | uni999_domain")
     ks: List[int] = opt(lambda: [5, 10, 20], "cut-offs K of HR@K and NDCG@K", factory=True)
     batch_size: int = opt(256, "evaluation rows per batch")
     negative_draws: int = opt(1, "sampled protocols: metrics averaged over this many negative "
@@ -117,6 +119,7 @@ class Config:
 
 CHOICES = {
     "data.split": ("loo", "files"),
+    "data.synthetic_mode": ("positive", "negative"),
     "model.arch": ("sasrec", "bert4rec"),
     "objective": ("base", "autocdsr", "autocdsr_plus"),
     "weighting.mode": ("pareto", "mgda", "fixed", "none"),
@@ -126,7 +129,7 @@ CHOICES = {
     "train.loss": ("full", "sampled", "inbatch", "inbatch_official"),
     "train.logits": ("dot", "cosine"),
     "model.item_bias": ("none", "zero", "log_count"),
-    "eval.protocol": ("full", "uni100_vocab", "uni999_domain"),
+    "eval.protocol": ("full", "full_domain", "uni100_vocab", "uni999_domain"),
     "attention.backend": ("auto", "reference", "sdpa", "triton"),
 }
 

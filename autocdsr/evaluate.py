@@ -2,6 +2,8 @@
 
 Protocols
   full           every item is a candidate (batched on the device)
+  full_domain    every item of the target's domain is a candidate (a single-domain model's
+                 full ranking, so single- and cross-domain models rank the same candidates)
   uni100_vocab   the target and 100 uniform negatives from the whole vocabulary
                  (the AutoCDSR code's protocol)
   uni999_domain  the target and 999 negatives from the items of the target's domain,
@@ -22,6 +24,7 @@ from .models.tokens import TokenSpec
 
 PROTOCOL_TEXT = {
     "full": "full ranking over all items",
+    "full_domain": "full ranking over the items of the target's domain",
     "uni100_vocab": "target + 100 uniform negatives from the vocabulary",
     "uni999_domain": "target + 999 negatives from the target's domain, history excluded",
 }
@@ -144,13 +147,21 @@ def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_
     rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     ranks = {}
     starts = list(range(0, len(split), batch_size))[rank::world]
+    if protocol == "full_domain":  # [domains, num_items + 1]: which ids each domain ranks
+        member = torch.zeros(len(data.domain_items), data.num_items + 1, dtype=torch.bool)
+        for d, pool in enumerate(data.domain_items):
+            member[d, torch.as_tensor(pool, dtype=torch.long)] = True
+        member = member.to(device)
     for lo in tqdm(starts, desc=desc, leave=False, mininterval=1.0, disable=None if rank == 0 else True):
         rng = np.random.default_rng([seed, lo])
         rows = np.arange(lo, min(lo + batch_size, len(split)))
         batch = to_device(eval_batch(split, rows, max_len, arch, tokens), device)
-        if protocol == "full":
+        if protocol in ("full", "full_domain"):
             scores = score_fn(batch, None).float()
             target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
+            if protocol == "full_domain":
+                domains = torch.as_tensor(split.target_domains[rows], dtype=torch.long, device=device)
+                scores.masked_fill_(~member[domains], -torch.inf)
             scores[:, 0] = -torch.inf  # padding is never a candidate
             scores.scatter_(1, batch["targets"][:, None], -torch.inf)  # nor the target itself
         else:
@@ -223,7 +234,7 @@ def evaluate_split(score_fn, data, split, cfg, device, desc="eval", comm=None):
 def protocol_text(protocol, draws=1):
     """The protocol's name and meaning, as printed next to every metric."""
     text = f"{protocol} = {PROTOCOL_TEXT[protocol]}"
-    if draws > 1 and protocol != "full":
+    if draws > 1 and not protocol.startswith("full"):
         text += f", mean over {draws} negative draws"
     return text
 

@@ -5,6 +5,8 @@ then one table per backbone (autocdsr compare: mean ± std, paired t-test agains
 attention-mass matrices before/after (autocdsr analyze) and the lambda / cosine trajectories.
 
     python -m bench.compare_objectives --out bench/results/study-synthetic --seeds 0 1 2
+    python -m bench.compare_objectives --out DIR --variants sasrec/base sasrec/autocdsr \\
+        --single-domains 0 3 --set data.synthetic_mode=negative eval.protocol=full_domain
     python -m bench.compare_objectives --out DIR --variants bert4rec/base bert4rec/autocdsr \\
         --set data.path=PATH/TO/kuairand1k data.split=files train.loss=inbatch_official \\
               eval.protocol=uni100_vocab
@@ -20,7 +22,7 @@ import shutil
 import numpy as np
 
 from autocdsr.analyze import analyze, plot_trajectory
-from autocdsr.compare import compare
+from autocdsr.compare import compare, transfer_table
 from autocdsr.config import load_config
 from autocdsr.reevaluate import reevaluate
 from autocdsr.train import train
@@ -66,6 +68,17 @@ def run_variant(out, name, seed, settings):
     return run_dir
 
 
+def run_single_domain(out, arch, domain, seed, settings):
+    """The single-domain base of `arch` on `domain`, scored on the cross-domain run's targets."""
+    run_dir = os.path.join(out, "runs", f"{arch}_single{domain}", f"seed{seed}")
+    if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+        cfg = load_config(None, STUDY_DEFAULTS + [f"model.arch={arch}", "objective=base"] + settings +
+                          [f"data.domains=[{domain}]", "data.shared_targets=true",
+                           f"train.seed={seed}", f"run_dir={run_dir}"])
+        train(cfg)
+    return run_dir
+
+
 def reevaluate_run(run_dir, protocol, out_dir):
     """best.pt of a finished run evaluated under another protocol, written as a run folder
     that autocdsr compare reads. Reused when it exists."""
@@ -103,6 +116,9 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], help="key=value for every run")
     parser.add_argument("--no-analysis", action="store_true")
+    parser.add_argument("--single-domains", type=int, nargs="*", default=[], metavar="D",
+                        help="also train a base on each domain D alone (same targets) and report "
+                             "the transfer per domain: single- against cross-domain base")
     parser.add_argument("--also-protocol", help="evaluate every best.pt under this protocol too "
                         "(e.g. full) and add its table")
     args = parser.parse_args(argv)
@@ -113,6 +129,10 @@ def main(argv=None):
     for seed in args.seeds:  # seed-major: a partial study already has every variant
         for name in args.variants:
             runs[name].append(run_variant(args.out, name, seed, args.set))
+        for arch in ("sasrec", "bert4rec"):
+            if f"{arch}/base" in runs:
+                for domain in args.single_domains:
+                    run_single_domain(args.out, arch, domain, seed, args.set)
     settings = STUDY_DEFAULTS + args.set
     report = [f"Settings for every run: {' '.join(settings)}; seeds {args.seeds}.", ""]
     for arch in ("sasrec", "bert4rec"):
@@ -122,6 +142,11 @@ def main(argv=None):
         dirs = [d for n in names for d in runs[n]]
         text, _ = compare(dirs, out=os.path.join(args.out, arch))
         report += [f"## {arch}", "", text, ""]
+        if args.single_domains and f"{arch}/base" in runs:
+            single = {d: [run_single_domain(args.out, arch, d, s, args.set) for s in args.seeds]
+                      for d in args.single_domains}
+            text, _ = transfer_table(runs[f"{arch}/base"], single)
+            report += [f"## {arch}: transfer per domain (single- vs cross-domain base)", "", text, ""]
         if args.also_protocol:
             again = [reevaluate_run(d, args.also_protocol, d.replace(os.sep + "runs" + os.sep,
                                                                  f"{os.sep}runs_{args.also_protocol}{os.sep}"))

@@ -181,3 +181,29 @@ def test_shared_targets_give_single_and_cross_domain_runs_the_same_test_targets(
     assert data.test.users.tolist() == ["u2"] and data.valid.users.tolist() == ["u2"]
     with pytest.raises(DataError, match="no valid target"):
         keep_shared_targets(load_dataset(path, domains=[0]), {"u1": (0, 1), "u2": (0, 1)}, [0])
+
+
+def test_negative_mode_hints_are_exact_in_training_and_random_at_evaluation():
+    from autocdsr.data.synthetic_negative import generate_negative
+    frame = generate_negative(300, seed=4)
+    users = np.asarray(frame["user"].to_pylist())
+    items = np.asarray(frame["item"].to_pylist())
+    exact = at_eval = agree_at_eval = 0
+    for user in np.unique(users):
+        seq, dom = items[users == user], frame["domain"][users == user]
+        hurt = np.flatnonzero(dom == 3)
+        for t in np.flatnonzero(dom == 2):
+            later = hurt[hurt >= t + 2]
+            if not len(later):
+                continue
+            named = seq[t][1:].split("_")[0]
+            slot = seq[later[0]].split("_")[-1]
+            if later[0] <= len(seq) - 3:  # a training target: the hint is its exact slot
+                assert named == slot
+                exact += 1
+            else:
+                at_eval += 1
+                agree_at_eval += named == slot
+    assert exact > 1000 and at_eval > 50
+    assert agree_at_eval / at_eval < 0.2  # random there: 1 in 16 agree by chance
+    assert set(np.unique(frame["domain"])) == {0, 1, 2, 3}

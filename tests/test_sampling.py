@@ -1,5 +1,5 @@
-"""The uni999_domain sampler: never the history or the target, distinct where the pool allows,
-uniform over the allowed pool (chi-square), vectorised over rows."""
+"""The evaluation candidates: the uni999_domain sampler (never the history or the target, distinct where the pool allows,
+uniform over the allowed pool (chi-square), vectorised over rows) and the full_domain ranking."""
 import numpy as np
 import pytest
 from scipy import stats
@@ -73,3 +73,20 @@ def test_several_negative_draws_average_independent_sets(data):
     for key in ("HR@10", "NDCG@10", "MRR"):
         assert both["overall"][key] == pytest.approx(np.mean([e["overall"][key] for e in each]))
     assert both["overall"]["count"] == len(data.test)
+
+
+def test_full_domain_ranks_the_target_among_its_domains_items(data):
+    import torch
+    from autocdsr.evaluate import table_scorer, target_ranks
+    from autocdsr.models.tokens import TokenSpec
+    tokens = TokenSpec.for_run(data.num_items, data.num_domains)
+    scores = np.random.default_rng(1).random((len(data.test), data.num_items + 1))
+    ranks = target_ranks(table_scorer(scores, "cpu"), data, data.test, "full_domain", 64, "cpu",
+                         5, 20, "sasrec", tokens)
+    for r in range(0, len(data.test), 17):
+        target = data.test.targets[r]
+        pool = [i for i in data.domain_items[data.test.target_domains[r]] if i != target]
+        assert ranks[r] == (scores[r, pool] > scores[r, target]).sum()
+    full = target_ranks(table_scorer(scores, "cpu"), data, data.test, "full", 64, "cpu", 5, 20,
+                        "sasrec", tokens)
+    assert (ranks <= full).all() and (ranks < full).any()

@@ -132,3 +132,29 @@ def test_single_domain_run_and_outcome_strata(runs, tmp_path):
     assert (cross / "analysis" / "strata.png").stat().st_size > 0
     bad = _cli("train", "data.domains=[7]", f"run_dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "no event has one of these domains" in bad.stderr
+
+
+def test_transfer_table_pairs_single_and_cross_domain_runs_on_the_same_targets(runs, tmp_path):
+    from autocdsr.compare import transfer_table
+    single = {}
+    for seed in (0, 1):
+        run_dir = tmp_path / f"single{seed}"
+        train(load_config(None, TINY + ["data.domains=[0]", "data.shared_targets=true",
+                                        f"train.seed={seed}", f"run_dir={run_dir}"]))
+        single.setdefault(0, []).append(str(run_dir))
+    cross = [str(runs["base", s]) for s in (0, 1)]
+    text, rows = transfer_table(cross, single)
+    cross_metrics = [json.loads((runs["base", s] / "metrics.json").read_text()) for s in (0, 1)]
+    single_metrics = [json.loads((tmp_path / f"single{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    assert cross_metrics[0]["test"]["per_domain"]["0"]["count"] == \
+        single_metrics[0]["test"]["overall"]["count"]  # the same targets
+    single_row, cross_row = rows[0]["rows"]
+    want = np.mean([m["test"]["per_domain"]["0"]["HR@10"] - s["test"]["overall"]["HR@10"]
+                    for m, s in zip(cross_metrics, single_metrics)])
+    assert cross_row["cells"][0]["diff"] == pytest.approx(want)
+    assert "| 0 |" in text and "single HR@10" in text
+    other = tmp_path / "other_protocol"
+    train(load_config(None, TINY + ["data.domains=[0]", "data.shared_targets=true",
+                                    "eval.protocol=full", f"run_dir={other}"]))
+    with pytest.raises(CompareError, match="protocol"):
+        transfer_table(cross, {0: [str(other)]})

@@ -17,6 +17,8 @@ The oracle knows z, c and that the spurious domain is random at evaluation; `ora
 scores each evaluation target under the oracle's predictive distribution, the ceiling any
 model can reach (HR@10 under full ranking).
 """
+from collections import namedtuple
+
 import numpy as np
 import pyarrow as pa
 
@@ -25,6 +27,10 @@ RING = 8
 COPIES = 15            # spurious-domain items per named slot
 DOMAIN_PROBS = (0.2, 0.4, 0.4)
 FLIP = 0.05            # probability that a target / positive-source item takes a random slot
+
+# what the generator knows: per user token a state, and scores(index, state, "valid" | "test")
+# -> [num_items + 1] probabilities of that target under the generator
+Oracle = namedtuple("Oracle", "states scores")
 
 
 def _item(domain, topic, slot, copy=0):
@@ -72,16 +78,16 @@ def generate(num_users=3000, min_len=20, max_len=60, seed=0, spurious=True):
             "item": pa.chunked_array([pa.array(items)]),
             "domain": np.asarray(domains, dtype=np.int64),
             "timestamp": np.asarray(times, dtype=np.float64),
-            "oracle": oracle}
+            "oracle": Oracle(oracle, default_oracle_scores)}
 
 
-def oracle_scores(index, topic, cursor):
+def oracle_scores(index, topic, cursor, probs=DOMAIN_PROBS):
     """[num_items + 1] probabilities (column 0 = padding) of the next event under the oracle;
-    index maps item tokens to dense ids."""
+    index maps item tokens to dense ids; probs: each domain's share of events."""
     scores = np.zeros(len(index) + 1)
     for domain in (0, 1):
         for slot in range(RING):
-            p = DOMAIN_PROBS[domain] * (FLIP / RING + (1 - FLIP) * (slot == (cursor + 1) % RING))
+            p = probs[domain] * (FLIP / RING + (1 - FLIP) * (slot == (cursor + 1) % RING))
             i = index.get(_item(domain, topic, slot))
             if i is not None:
                 scores[i] = p
@@ -89,28 +95,32 @@ def oracle_scores(index, topic, cursor):
         for copy in range(COPIES):
             i = index.get(_item(2, topic, slot, copy))
             if i is not None:
-                scores[i] = DOMAIN_PROBS[2] / (RING * COPIES)
+                scores[i] = probs[2] / (RING * COPIES)
     return scores
+
+
+def default_oracle_scores(index, state, which):
+    """oracle_scores of one user's oracle state for its "valid" or "test" target."""
+    return oracle_scores(index, state[0], state[1 if which == "valid" else 2])
 
 
 def oracle_table(data, split, oracle, which, know_domain=False, seed=0):
     """[len(split), num_items + 1] oracle scores of each row's target (column 0 = padding),
-    to score like a model under any protocol. which: "valid" or "test".
+    to score like a model under any protocol. oracle: the generator's Oracle; which: "valid"
+    or "test".
 
     know_domain: condition on the target's domain (a BERT4Rec whose appended [MASK] carries
     the target's domain knows it too). A tiny seeded jitter breaks the ties between equally
     likely items in a fixed random order, as any scorer has to: so the oracle's HR@K is the
     best a predictor can expect (the top K most probable items), not a tie-counting artefact.
     """
-    cursor_index = 1 if which == "valid" else 2
     index = {tok: i + 1 for i, tok in enumerate(data.item_tokens)}
     table = np.zeros((len(split), data.num_items + 1))
     domain_of = np.zeros(data.num_items + 1, dtype=np.int64)
     for d, pool in enumerate(data.domain_items):
         domain_of[pool] = d
     for r, user in enumerate(split.users):
-        state = oracle[user]
-        table[r] = oracle_scores(index, state[0], state[cursor_index])
+        table[r] = oracle.scores(index, oracle.states[user], which)
         if know_domain:
             table[r] = np.where(domain_of == split.target_domains[r], table[r], 0.0)
     jitter = np.random.default_rng(seed).random(table.shape[1]) * 1e-7  # << any gap between levels
