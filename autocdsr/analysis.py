@@ -1,5 +1,5 @@
 """What the attention does: the attention mass between domains, per layer, measured on
-evaluation histories with the attention probabilities materialised (kernels.reference).
+evaluation histories with the attention probabilities materialised (kernels.attention.reference).
 
 pair_mass[layer][a][b] = mean over the real queries of domain a (over heads too) of the
 attention they pay to keys of domain b. Labels are the data's domain tokens, then "IB" (the
@@ -10,7 +10,7 @@ import torch
 
 from kernels import WILDCARD_DOMAIN
 from kernels.attention import unpack_qkv
-from kernels.reference import reference_probabilities
+from kernels.attention.reference import reference_probabilities
 
 from .data.batches import eval_batch, to_device
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import kernels
 from bench.report import device_name, save
 from bench.timing import quantiles, wall_times_ms
-from kernels.masks import padding_mask
+from kernels.attention.masks import padding_mask
 
 HEADLINE_SHAPES = [(256, 2, 200, 32), (64, 2, 800, 32), (128, 4, 50, 16), (32, 8, 800, 64)]
 QUICK_SHAPES = [(4, 2, 50, 16), (2, 2, 120, 32)]

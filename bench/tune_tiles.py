@@ -1,7 +1,7 @@
 """Tile sweep for the attention kernels: for each kernel, head dim, sequence length and mask
 mode, time every candidate configuration (tile sizes, warps, the mask-free interior path on
-or off) against the untuned rule of kernels.tiles, after checking that the candidate computes
-what the rule computes. Prints, and saves, the entries of kernels.tiles.TUNED the
+or off) against the untuned rule of kernels.attention.tiles, after checking that the candidate computes
+what the rule computes. Prints, and saves, the entries of kernels.attention.tiles.TUNED the
 measurements support (a candidate that beats the rule by more than `--min-gain` in every mode
 of its length bucket).
 
@@ -23,8 +23,7 @@ import torch
 from bench.bench_attention import MODES, make_case
 from bench.report import device_name, save
 from bench.timing import quantiles, wall_times_ms
-from kernels import tiles
-from kernels.attention import triton_backward, triton_forward
+from kernels.attention import tiles, triton_backward, triton_forward
 
 # Candidate overrides per kernel (merged into the rule's settings; {} is the rule itself).
 CANDIDATES = {
@@ -148,10 +147,9 @@ def compile_candidates(arch, dtype, head_dims, modes, candidates=None):
     candidate that spills."""
     import itertools
 
-    from kernels import attention, compile_check
+    from kernels import compile_check
+    from kernels.attention import TILED_KERNELS, kernel_flags
     candidates = candidates or CANDIDATES
-    kernel_fns = {"forward": attention._forward_kernel, "dkdv": attention._backward_dkdv_kernel,
-                  "dq": attention._backward_dq_kernel}
     tensors = compile_check.pointer_types(dtype)
     rows = []
     for head_dim, mode, (kernel, options) in itertools.product(head_dims, modes,
@@ -160,11 +158,11 @@ def compile_candidates(arch, dtype, head_dims, modes, candidates=None):
         for option in options:
             key = (kernel, tiles.precision(dtype), tiles.block_d(head_dim), tiles.length_bucket(1))
             with tiles.trying({key: option}):
-                flags = attention.kernel_flags(kernel, head_dim, dtype, causal, nb > 0, 1)
+                flags = kernel_flags(kernel, head_dim, dtype, causal, nb > 0, 1)
             warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
             row = {"arch": arch, "kernel": kernel, "head_dim": head_dim, "mode": mode,
                    "candidate": option, "num_warps": warps}
-            row.update(compile_check.compile_variant(kernel_fns[kernel], tensors, flags, warps,
+            row.update(compile_check.compile_variant(TILED_KERNELS[kernel], tensors, flags, warps,
                                                      stages, arch))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -182,7 +180,7 @@ def markdown(rows, proposed, device, dtype_name):
         lines.append(f"| {r['kernel']} | {r['head_dim']} | {r['length']} | {r['mode']} | "
                      f"{json.dumps(r['candidate']) if r['candidate'] else 'rule'} | {ms} | "
                      f"{ratio} | {r['error'] or ''} |")
-    lines += ["", "Proposed kernels.tiles.TUNED entries (precision of this run):"]
+    lines += ["", "Proposed kernels.attention.tiles.TUNED entries (precision of this run):"]
     lines += [f"- {key}: {candidate} (mean ratio {mean:.2f})"
               for key, (candidate, mean) in sorted(proposed.items())] or ["- none"]
     return "\n".join(lines)

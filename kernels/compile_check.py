@@ -1,5 +1,5 @@
 """Ahead-of-time compile of every kernel variant dispatch can select (every kernel, precision,
-head dim and length bucket of kernels.tiles), for sm_80 / sm_90,
+head dim and length bucket of kernels.attention.tiles), for sm_80 / sm_90,
 without a GPU: reports shared memory (from Triton's metadata) and registers / spilled bytes
 (from the cubin Triton built, via cuobjdump -res-usage). Run as
 `python -m kernels.compile_check --arch 80 90`.
@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, tiles
+from .attention import PREPROCESS_KERNEL, TILED_KERNELS, kernel_flags, tiles
 
 # Opt-in shared memory per block (bytes) by compute capability.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -81,16 +81,14 @@ def variants():
             for name, constexprs in _per_bucket(base, preprocess):
                 constexprs = dict(constexprs)
                 warps = constexprs.pop("num_warps")
-                yield name, attention._backward_preprocess_kernel, tensors, constexprs, warps, 1
+                yield name, PREPROCESS_KERNEL, tensors, constexprs, warps, 1
         for causal, bottleneck in itertools.product((False, True), (False, True)):
             mode = ("causal" if causal else "bidir") + ("+ib" if bottleneck else "")
-            for label, kernel in (("forward", attention._forward_kernel),
-                                  ("dkdv", attention._backward_dkdv_kernel),
-                                  ("dq", attention._backward_dq_kernel)):
+            for label, kernel in TILED_KERNELS.items():
                 # the backward kernels also come without dO (a loss of the mass alone)
                 for has_dout in ((True,) if label == "forward" else (True, False)):
                     base = f"{label}/{t}/d{head_dim}/{mode}" + ("" if has_dout else "/no-dout")
-                    flags_of = functools.partial(attention.kernel_flags, label, head_dim, dtype,
+                    flags_of = functools.partial(kernel_flags, label, head_dim, dtype,
                                                  causal, bottleneck, has_dout=has_dout)
                     for name, flags in _per_bucket(base, flags_of):
                         flags = dict(flags)

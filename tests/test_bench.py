@@ -88,7 +88,7 @@ def test_tile_sweep_checks_each_candidate_against_the_rule():
     assert len(rows) == 2 * 7
     assert all(r["error"] is None and r["ms"] > 0 for r in rows), [r["error"] for r in rows]
     assert all(r["ratio_to_rule"] == 1.0 for r in rows if r["candidate"] == {})
-    assert not kernels.tiles.TUNED  # every trial restored the table
+    assert not kernels.attention.tiles.TUNED  # every trial restored the table
     # proposals: only a candidate below the rule in every row of its bucket
     fake = [dict(r, ratio_to_rule=0.5 if r["candidate"] == {"BLOCK_M": 16} else 1.0) for r in rows]
     proposed = tune_tiles.proposals(fake)
@@ -107,7 +107,7 @@ def test_tile_sweep_reports_a_candidate_that_computes_something_else(monkeypatch
 
     def wrong_when_tuned(*args):
         out, lse, mass = real(*args)
-        return (out + 1.0, lse, mass) if kernels.tiles.TUNED.get(("forward", "fp32", 16, 64)) \
+        return (out + 1.0, lse, mass) if kernels.attention.tiles.TUNED.get(("forward", "fp32", 16, 64)) \
             else (out, lse, mass)
     monkeypatch.setattr(tune_tiles, "triton_forward", wrong_when_tuned)
     rows = tune_tiles.sweep(torch.device("cpu"), torch.float32, [16], [40], ["bidir"], tokens=80,

@@ -74,10 +74,10 @@ def test_causal_encoder_with_bottleneck_tokens_is_refused():
 def test_the_attention_inputs_are_checked_once_per_forward(monkeypatch):
     """The first layer checks the attention inputs; the later layers (same kind of inputs,
     made by the model) skip the checks."""
-    import kernels.dispatch
+    import kernels.attention.dispatch
     calls = []
-    check = kernels.dispatch.check_attention_inputs
-    monkeypatch.setattr(kernels.dispatch, "check_attention_inputs",
+    check = kernels.attention.dispatch.check_attention_inputs
+    monkeypatch.setattr(kernels.attention.dispatch, "check_attention_inputs",
                         lambda *a: calls.append(a) or check(*a))
     cfg = ModelConfig(arch="bert4rec", hidden=32, heads=2, layers=3, dropout=0.0,
                       bottleneck_tokens=2, bottleneck_layers=1)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench import tune_tiles
-from kernels import compile_check, tiles
+from kernels import compile_check
+from kernels.attention import tiles
 
 
 def test_dispatch_only_selects_compiled_tile_widths():

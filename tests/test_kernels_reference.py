@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kernels
-from kernels.reference import reference_attention
-from kernels.sdpa import sdpa_attention
+from kernels.attention.reference import reference_attention
+from kernels.attention.sdpa import sdpa_attention
 
 from .attention_cases import make_inputs, with_grads
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.reference import reference_attention
+from kernels.attention.reference import reference_attention
 
 from .attention_cases import make_inputs, with_grads
 

@@ -1,4 +1,4 @@
-"""The fused Triton kernels against kernels.reference. On a CPU they run under
+"""The fused Triton kernels against kernels.attention.reference. On a CPU they run under
 TRITON_INTERPRET=1 (set in conftest); shapes stay tiny and odd so every tile edge is hit."""
 import functools
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import tiles
+from kernels.attention import tiles
 from kernels.attention import triton_available
-from kernels.reference import reference_attention
+from kernels.attention.reference import reference_attention
 
 from .attention_cases import make_inputs, with_grads
 

@@ -17,7 +17,9 @@ import contextlib
 import torch
 import triton
 
-KERNELS = ("forward", "dkdv", "dq")
+from .triton_kernels import TILED_KERNELS
+
+KERNELS = tuple(TILED_KERNELS)
 # A length falls into the first bucket whose bound it does not exceed.
 LENGTH_BUCKETS = (64, 256, 1024, 2**31)
 # (kernel, precision "fp32" | "half", BLOCK_D, length bucket bound) -> settings that replace

@@ -1,14 +1,15 @@
 """The attention op's one entry point: input checks, then the backend.
 
 Backends (each computes the same out and mass; see cross_domain_attention):
-  triton     the fused kernels (kernels.attention), CUDA or TRITON_INTERPRET=1
-  sdpa       PyTorch scaled_dot_product_attention with indicator columns (kernels.sdpa)
-  reference  P materialised (kernels.reference), the test oracle
+  triton     the fused kernels (triton_kernels.py, launch.py, op.py), CUDA or TRITON_INTERPRET=1
+  sdpa       PyTorch scaled_dot_product_attention with indicator columns (sdpa.py)
+  reference  P materialised (reference.py), the test oracle
   auto       triton on CUDA, sdpa elsewhere
 """
 import torch
 
-from .attention import fused_attention, fused_attention_packed, triton_available, unpack_qkv
+from .launch import triton_available
+from .op import fused_attention, fused_attention_packed, unpack_qkv
 from .reference import reference_attention
 from .sdpa import sdpa_attention
 from .validation import check_attention_inputs

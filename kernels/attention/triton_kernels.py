@@ -1,5 +1,5 @@
-"""Fused Triton attention + cross-domain mass (forward and backward), registered as
-torch.library ops with their autograd (the backend dispatch is kernels.dispatch).
+"""The fused Triton kernels of cross-domain attention: forward, and the backward's
+preprocess, dK/dV and dQ kernels (host side: launch.py; the torch.library op: op.py).
 
 Forward: one online-softmax pass; the mass is accumulated beside the row sum
 (mass_acc = mass_acc * alpha + sum_j p_ij c_ij), so it costs one FMA per score.
@@ -7,27 +7,13 @@ Backward: with g = dL/dmass, dS = P * (dO.V^T + g c - (Delta + g mass)), so the 
 per-row scalar to the usual preprocess and one FMA per score; dK/dV and dQ run as two kernels
 that recompute P (deterministic; no atomics).
 """
-import math
-import os
-
-import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-from . import tiles
 from .masks import WILDCARD_DOMAIN
 
 WILDCARD = tl.constexpr(WILDCARD_DOMAIN)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
-def triton_available(device):
-    """The fused kernels run on CUDA, or anywhere under TRITON_INTERPRET=1 (tests)."""
-    return INTERPRET or device.type == "cuda"
-
-
-# ----------------------------------------------------------------------------- kernels
 
 @triton.jit
 def _pair_masks(q_pos, k_pos, dom_q, dom_k, seq_len, num_bottleneck,
@@ -412,236 +398,9 @@ def _backward_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 
-# ----------------------------------------------------------------------------- host side
-
-def dot_precision(dtype):
-    # fp32 inputs must not silently drop to TF32: the fp32 oracle would then be 1e-3 away.
-    """The tl.dot input precision for a dtype."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
-def _prepare(t):
-    """The kernels take any batch/head/row strides (e.g. q, k, v as views of one fused QKV
-    projection) but need unit stride along D."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _bhm_strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def kernel_flags(kernel, head_dim, dtype, causal, bottleneck, length, has_dout=True):
-    """The constexpr arguments and launch options of one attention kernel for one call
-    (has_dout: the backward kernels' dO-free variant when False); tiles from kernels.tiles."""
-    cfg = tiles.config(kernel, head_dim, dtype, length)
-    flags = dict(CAUSAL=causal, BOTTLENECK=bottleneck,
-                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                 EVEN_D=cfg["BLOCK_D"] == head_dim, INTERIOR=cfg["INTERIOR"],
-                 DOT_PRECISION=dot_precision(dtype),
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if kernel != "forward":
-        flags["HAS_DOUT"] = has_dout
-    return flags
-
-
-def triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
-    """Launch the forward kernel; return (out, lse, mass). seq_lens is int32 [B]."""
-    batch, heads, length, head_dim = q.shape
-    flags = kernel_flags("forward", head_dim, q.dtype, causal, num_bottleneck > 0, length)
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
-    mass = torch.empty_like(lse)
-    grid = (triton.cdiv(length, flags["BLOCK_M"]), batch * heads)
-    wrap_triton(_forward_kernel)[grid](
-        q, k, v, domains, seq_lens, out, lse, mass,
-        *_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(out),
-        domains.stride(0), heads, length, head_dim, num_bottleneck, scale * math.log2(math.e),
-        **flags)
-    return out, lse, mass
-
-
-def triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass,
-                    causal, num_bottleneck, scale, has_dout=True, grads=None):
-    """Launch preprocess, dK/dV and dQ kernels; return (dq, dk, dv). has_dout=False: the
-    loss does not depend on out (d_out is then not read). grads: three [B, H, L, D] tensors
-    of one layout (unit stride along D) to write into, e.g. views of a packed gradient;
-    default: new contiguous ones."""
-    batch, heads, length, head_dim = q.shape
-    dkdv_flags = kernel_flags("dkdv", head_dim, q.dtype, causal, num_bottleneck > 0, length,
-                              has_dout)
-    dq_flags = kernel_flags("dq", head_dim, q.dtype, causal, num_bottleneck > 0, length,
-                            has_dout)
-    d_out = _prepare(d_out)
-    d_mass = d_mass.contiguous().float()
-    delta = torch.empty_like(lse)
-    if grads is None:  # contiguous, whatever the inputs' layout (autograd accepts that)
-        grads = tuple(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    dq, dk, dv = grads
-    # the kernels address dK and dV with dQ's strides
-    assert dk.stride() == dq.stride() == dv.stride() and dq.stride(-1) == 1
-    rows_grid = (triton.cdiv(length, dq_flags["BLOCK_M"]), batch * heads)
-    wrap_triton(_backward_preprocess_kernel)[rows_grid](
-        out, d_out, mass, d_mass, delta, *_bhm_strides(out), *_bhm_strides(d_out),
-        heads, length, head_dim, BLOCK_M=dq_flags["BLOCK_M"], BLOCK_D=dq_flags["BLOCK_D"],
-        EVEN_D=dq_flags["EVEN_D"], HAS_DOUT=has_dout, num_warps=dq_flags["num_warps"], num_stages=1)
-    common = (*_bhm_strides(q), *_bhm_strides(k), *_bhm_strides(v), *_bhm_strides(d_out),
-              domains.stride(0), *_bhm_strides(dq), heads, length, head_dim, num_bottleneck,
-              scale, scale * math.log2(math.e))
-    wrap_triton(_backward_dkdv_kernel)[(triton.cdiv(length, dkdv_flags["BLOCK_N"]), batch * heads)](
-        q, k, v, domains, seq_lens, d_out, lse, delta, d_mass, dk, dv, *common, **dkdv_flags)
-    wrap_triton(_backward_dq_kernel)[rows_grid](
-        q, k, v, domains, seq_lens, d_out, lse, delta, d_mass, dq, *common, **dq_flags)
-    return dq, dk, dv
-
-
-# The fused op is registered with torch.library (triton_op + wrap_triton), so torch.compile
-# traces through it without a graph break and, on CUDA, Inductor sees the Triton kernels. The
-# fake implementations give output shapes without running anything (they also let Dynamo
-# trace the op under TRITON_INTERPRET=1, where the kernels are not compiled objects).
-
-@triton_op("autocdsr::cross_domain_attention_forward", mutates_args={})
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, domains: torch.Tensor,
-                seq_lens: torch.Tensor, causal: bool, num_bottleneck: int,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, mass)."""
-    return triton_forward(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
-
-
-@_forward_op.register_fake
-def _(q, k, v, domains, seq_lens, causal, num_bottleneck, scale):
-    rows = q.new_empty(q.shape[:3], dtype=torch.float32)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), rows, torch.empty_like(rows)
-
-
-@triton_op("autocdsr::cross_domain_attention_backward", mutates_args={})
-def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, domains: torch.Tensor,
-                 seq_lens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 mass: torch.Tensor, d_out: torch.Tensor, d_mass: torch.Tensor, causal: bool,
-                 num_bottleneck: int, scale: float, has_dout: bool) -> tuple[
-                     torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), written contiguous."""
-    return triton_backward(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass, causal,
-                           num_bottleneck, scale, has_dout)
-
-
-@_backward_op.register_fake
-def _(q, k, v, domains, seq_lens, out, lse, mass, d_out, d_mass, causal, num_bottleneck, scale,
-      has_dout):
-    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, domains, seq_lens, causal, num_bottleneck, scale = inputs
-    out, lse, mass = output
-    ctx.save_for_backward(q, k, v, domains, seq_lens, out, lse, mass)
-    ctx.causal, ctx.num_bottleneck, ctx.scale = causal, num_bottleneck, scale
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-
-
-def _backward(ctx, d_out, _d_lse, d_mass):
-    q, k, v, domains, seq_lens, out, lse, mass = ctx.saved_tensors
-    # A loss of the mass alone (the L_cd pass) has no dO: the kernels' dO-free variant skips
-    # the dO . V^T and P^T dO matmuls; out stands in for the pointer it never reads.
-    has_dout = d_out is not None
-    d_mass = torch.zeros_like(mass) if d_mass is None else d_mass
-    dq, dk, dv = _backward_op(q, k, v, domains, seq_lens, out, lse, mass,
-                              d_out if has_dout else out, d_mass, ctx.causal,
-                              ctx.num_bottleneck, ctx.scale, has_dout)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# The packed variant takes the QKV projection's output as it is, [B, L, 3, H, D], and returns
-# its gradient in that layout: the backward kernels write dQ, dK, dV straight into one
-# [B, L, 3, H, D] buffer, so autograd neither stacks three gradients nor copies them back into
-# the projection's layout.
-
-def unpack_qkv(qkv):
-    """[B, L, 3, H, D] -> q, k, v as [B, H, L, D] views (no copy)."""
-    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
-
-
-@triton_op("autocdsr::cross_domain_attention_packed_forward", mutates_args={})
-def _packed_forward_op(qkv: torch.Tensor, domains: torch.Tensor, seq_lens: torch.Tensor,
-                       causal: bool, num_bottleneck: int,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, mass) of q, k, v = unpack_qkv(qkv)."""
-    return triton_forward(*unpack_qkv(qkv), domains, seq_lens, causal, num_bottleneck, scale)
-
-
-@_packed_forward_op.register_fake
-def _(qkv, domains, seq_lens, causal, num_bottleneck, scale):
-    batch, length, _, heads, head_dim = qkv.shape
-    rows = qkv.new_empty((batch, heads, length), dtype=torch.float32)
-    return qkv.new_empty((batch, heads, length, head_dim)), rows, torch.empty_like(rows)
-
-
-@triton_op("autocdsr::cross_domain_attention_packed_backward", mutates_args={})
-def _packed_backward_op(qkv: torch.Tensor, domains: torch.Tensor, seq_lens: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor,
-                        d_out: torch.Tensor, d_mass: torch.Tensor, causal: bool,
-                        num_bottleneck: int, scale: float, has_dout: bool) -> torch.Tensor:
-    """d qkv, [B, L, 3, H, D]."""
-    d_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    triton_backward(*unpack_qkv(qkv), domains, seq_lens, out, lse, mass, d_out, d_mass,
-                    causal, num_bottleneck, scale, has_dout, grads=unpack_qkv(d_qkv))
-    return d_qkv
-
-
-@_packed_backward_op.register_fake
-def _(qkv, domains, seq_lens, out, lse, mass, d_out, d_mass, causal, num_bottleneck, scale,
-      has_dout):
-    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-
-
-def _packed_setup_context(ctx, inputs, output):
-    qkv, domains, seq_lens, causal, num_bottleneck, scale = inputs
-    out, lse, mass = output
-    ctx.save_for_backward(qkv, domains, seq_lens, out, lse, mass)
-    ctx.causal, ctx.num_bottleneck, ctx.scale = causal, num_bottleneck, scale
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)
-
-
-def _packed_backward(ctx, d_out, _d_lse, d_mass):
-    qkv, domains, seq_lens, out, lse, mass = ctx.saved_tensors
-    has_dout = d_out is not None  # as in _backward: the L_cd pass has no dO
-    d_mass = torch.zeros_like(mass) if d_mass is None else d_mass
-    d_qkv = _packed_backward_op(qkv, domains, seq_lens, out, lse, mass,
-                                d_out if has_dout else out, d_mass, ctx.causal,
-                                ctx.num_bottleneck, ctx.scale, has_dout)
-    return d_qkv, None, None, None, None, None
-
-
-_packed_forward_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
-
-
-def _row_inputs(domains, seq_lens, batch, length, device):
-    domains = domains.to(torch.int32).contiguous()
-    if seq_lens is None:  # one code path: "no seq_lens" is "every row is L long"
-        seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
-    return domains, seq_lens.to(torch.int32).contiguous()
-
-
-def fused_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
-                    scale=None):
-    """cross_domain_attention's triton backend: (out, mass) from the fused kernels."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, k, v = _prepare(q), _prepare(k), _prepare(v)
-    domains, seq_lens = _row_inputs(domains, seq_lens, q.shape[0], q.shape[2], q.device)
-    out, _, mass = _forward_op(q, k, v, domains, seq_lens, causal, num_bottleneck, scale)
-    return out, mass
-
-
-def fused_attention_packed(qkv, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
-                           scale=None):
-    """fused_attention of unpack_qkv(qkv), qkv [B, L, 3, H, D]; its gradient comes back in
-    qkv's layout, written once by the kernels."""
-    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
-    qkv = qkv.contiguous()
-    domains, seq_lens = _row_inputs(domains, seq_lens, qkv.shape[0], qkv.shape[1], qkv.device)
-    out, _, mass = _packed_forward_op(qkv, domains, seq_lens, causal, num_bottleneck, scale)
-    return out, mass
+# Every kernel with a tile configuration of its own, by the name the tile table (tiles.py), the
+# ahead-of-time compile check (kernels/compile_check.py) and the tuning sweep
+# (bench/tune_tiles.py) use; the preprocess kernel takes the dQ kernel's row tile.
+TILED_KERNELS = {"forward": _forward_kernel, "dkdv": _backward_dkdv_kernel,
+                 "dq": _backward_dq_kernel}
+PREPROCESS_KERNEL = _backward_preprocess_kernel
