@@ -117,6 +117,11 @@ class Config:
     run_dir: str = opt("runs/latest", "where config.yaml, metrics.json, best.pt, last.pt go")
 
 
+# Every key with a fixed set of values, written once: the modules that act on them (losses,
+# models, evaluation) read their lists from here, so that this torch-free module can reject a
+# bad value before torch is imported. attention.backend restates kernels' backends (kernels
+# imports nothing from autocdsr, and importing kernels means importing torch); a test checks
+# that the two agree.
 CHOICES = {
     "data.split": ("loo", "files"),
     "data.synthetic_mode": ("positive", "negative"),

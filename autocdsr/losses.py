@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .config import CHOICES
+
 FULL_CHUNK_ELEMENTS = 1 << 26  # rows x items per chunk (256 MiB of fp32 logits)
 INBATCH_TAU = 0.1
-LOSSES = ("full", "sampled", "inbatch", "inbatch_official")
-LOGITS = ("dot", "cosine")
+LOSSES = CHOICES["train.loss"]
+LOGITS = CHOICES["train.logits"]
 
 
 def _ce_chunk(states, weights, targets, row_weight, bias=None):

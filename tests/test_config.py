@@ -72,3 +72,11 @@ def test_every_shipped_recipe_loads_and_passes_the_checks():
         objectives = ["autocdsr"] + (["autocdsr_plus"] if cfg.model.arch == "bert4rec" else [])
         for objective in objectives:
             load_config(path, [f"objective={objective}"])
+
+
+def test_lists_restated_outside_the_torch_free_config_agree_with_their_owners():
+    from autocdsr.config import CHOICES
+    from autocdsr.evaluate import PROTOCOL_TEXT
+    from kernels.attention import BACKENDS
+    assert set(CHOICES["attention.backend"]) == {"auto", *BACKENDS}
+    assert set(CHOICES["eval.protocol"]) == set(PROTOCOL_TEXT)

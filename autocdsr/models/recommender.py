@@ -11,10 +11,11 @@ objective what it needs:
 import torch
 from torch import nn
 
+from ..config import CHOICES
 from .encoder import Encoder
 from .tokens import TokenSpec
 
-SHARED_SETS = ("reached", "last_layer", "all_but_items", "all")
+SHARED_SETS = CHOICES["weighting.shared"]
 
 
 class Recommender(nn.Module):
@@ -23,8 +24,8 @@ class Recommender(nn.Module):
         """cfg: the model config (arch, layers, heads, hidden, dropout, bottleneck_tokens,
         bottleneck_layers, head_dim, ffn_hidden), e.g. autocdsr.config.ModelConfig."""
         super().__init__()
-        if cfg.arch not in ("sasrec", "bert4rec"):
-            raise ValueError(f"arch must be 'sasrec' or 'bert4rec', got {cfg.arch!r}")
+        if cfg.arch not in CHOICES["model.arch"]:
+            raise ValueError(f"arch must be one of {CHOICES['model.arch']}, got {cfg.arch!r}")
         if cfg.bottleneck_tokens and cfg.arch == "sasrec":
             raise ValueError("bottleneck tokens need a bidirectional encoder (bert4rec): with a "
                              "causal one the IB tokens would carry future items back to earlier "

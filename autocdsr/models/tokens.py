@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from kernels import WILDCARD_DOMAIN
 
-MASK_DOMAIN_MODES = ("target", "hidden")
+from ..config import CHOICES
+
+MASK_DOMAIN_MODES = CHOICES["data.mask_domain"]
 
 
 @dataclass(frozen=True)

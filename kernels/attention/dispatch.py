@@ -17,6 +17,15 @@ from .validation import check_attention_inputs
 BACKENDS = {"triton": fused_attention, "sdpa": sdpa_attention, "reference": reference_attention}
 
 
+def resolve_backend(backend, device):
+    """The backend that runs: "auto" is triton on CUDA and sdpa elsewhere."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "sdpa"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, seq_lens=None,
                            scale=None, backend="auto", num_domains=None, check_inputs=True):
     """Masked attention and the cross-domain attention mass.
@@ -32,10 +41,9 @@ def cross_domain_attention(q, k, v, domains, *, causal=False, num_bottleneck=0, 
 
     Returns (out [B, H, L, D] in q.dtype, mass [B, H, L] float32).
     """
+    backend = resolve_backend(backend, q.device)
     if check_inputs:
-        check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "sdpa"
+        check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale)
     if backend == "triton" and not triton_available(q.device):
         raise ValueError(f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), "
                          f"got q on {q.device}")
@@ -54,14 +62,13 @@ def cross_domain_attention_packed(qkv, domains, *, causal=False, num_bottleneck=
         raise ValueError("qkv must be a tensor of shape [B, L, 3, H, D], got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     q, k, v = unpack_qkv(qkv)
-    if backend == "auto":
-        backend = "triton" if qkv.device.type == "cuda" else "sdpa"
+    backend = resolve_backend(backend, qkv.device)
     if backend != "triton" or not triton_available(qkv.device):
         return cross_domain_attention(q, k, v, domains, causal=causal,
                                       num_bottleneck=num_bottleneck, seq_lens=seq_lens,
                                       scale=scale, backend=backend, num_domains=num_domains,
                                       check_inputs=check_inputs)
     if check_inputs:
-        check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend)
+        check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale)
     return fused_attention_packed(qkv, domains, causal=causal, num_bottleneck=num_bottleneck,
                                   seq_lens=seq_lens, scale=scale)

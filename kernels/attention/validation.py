@@ -3,14 +3,13 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-BACKENDS = ("auto", "triton", "sdpa", "reference")
 
 
 def _tracing(t):
     return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale, backend):
+def check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, scale):
     """Raise a ValueError naming the offending argument; return nothing on success."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -58,5 +57,3 @@ def check_attention_inputs(q, k, v, domains, causal, num_bottleneck, seq_lens, s
         raise ValueError(f"causal must be a bool, got {causal!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
