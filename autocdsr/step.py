@@ -125,6 +125,19 @@ class TrainStep:
         if cuda_graph:
             self.function = CapturedStep(self.function)
 
+    @classmethod
+    def from_config(cls, model, optimizer, cfg, **overrides):
+        """The step a run's config describes (objective, weighting.*, train.* loss settings),
+        with overrides on top (amp_dtype, comm, or a config key's value, e.g. shared=...)."""
+        weighting, train = cfg.weighting, cfg.train
+        settings = dict(
+            loss=train.loss, objective=cfg.objective, mode=weighting.mode, lam=weighting.lam,
+            every=weighting.every, shared=weighting.shared, grad_clip=train.grad_clip,
+            num_negatives=train.num_negatives, logits=train.logits,
+            temperature=train.temperature, compile=train.compile, cuda_graph=train.cuda_graph,
+            layers=list(weighting.layers), per_domain=weighting.per_domain, gate=weighting.gate)
+        return cls(model, optimizer, **{**settings, **overrides})
+
     # ---------------------------------------------------------------- the traced function
     def losses(self, batch):
         """The forward pass (a Forward): the per-task losses are [num_domains] with

@@ -92,15 +92,8 @@ class Trainer:
             self.optimizer, lambda s: min((s + 1) / warmup,
                                           max(0.1, 1 - 0.9 * (s - warmup) / max(1, total - warmup))))
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.step = TrainStep(
-            self.model, self.optimizer, loss=cfg.train.loss, objective=cfg.objective,
-            mode=cfg.weighting.mode, lam=cfg.weighting.lam, every=cfg.weighting.every,
-            shared=cfg.weighting.shared, grad_clip=cfg.train.grad_clip,
-            num_negatives=cfg.train.num_negatives, logits=cfg.train.logits,
-            temperature=cfg.train.temperature, amp_dtype=self.amp_dtype,
-            compile=cfg.train.compile, cuda_graph=cfg.train.cuda_graph, comm=self.comm,
-            layers=list(cfg.weighting.layers), per_domain=cfg.weighting.per_domain,
-            gate=cfg.weighting.gate)
+        self.step = TrainStep.from_config(self.model, self.optimizer, cfg,
+                                          amp_dtype=self.amp_dtype, comm=self.comm)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         self.history, self.pending = [], []

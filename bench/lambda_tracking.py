@@ -22,12 +22,8 @@ from autocdsr.train import Trainer, setup_logging
 
 def shadow_step(trainer, shared):
     """A TrainStep on the trainer's model and optimizer that only computes gradients."""
-    cfg = trainer.cfg
-    return TrainStep(trainer.model, trainer.optimizer, loss=cfg.train.loss,
-                     objective=cfg.objective, mode=cfg.weighting.mode, shared=shared,
-                     num_negatives=cfg.train.num_negatives, logits=cfg.train.logits,
-                     temperature=cfg.train.temperature, layers=list(cfg.weighting.layers),
-                     per_domain=cfg.weighting.per_domain, gate=cfg.weighting.gate)
+    return TrainStep.from_config(trainer.model, trainer.optimizer, trainer.cfg, shared=shared,
+                                 compile=False, cuda_graph=False)
 
 
 def track(cfg, other):

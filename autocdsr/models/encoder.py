@@ -62,7 +62,7 @@ class Encoder(nn.Module):
     sees (the IB id included), so no backend needs to read the ids on the host.
     """
 
-    def __init__(self, num_embeddings, max_len, hidden, heads, layers, dropout, backend,
+    def __init__(self, num_embeddings, max_len, *, hidden, heads, layers, dropout, backend,
                  num_domains, num_bottleneck=0, bottleneck_layers=0, bottleneck_domain=0,
                  head_dim=0, ffn_hidden=0):
         super().__init__()

@@ -36,10 +36,13 @@ class Recommender(nn.Module):
         if bottleneck_layers < 0:
             bottleneck_layers = max(1, cfg.layers // 2)
         self.bottleneck_layers = bottleneck_layers if cfg.bottleneck_tokens else 0
-        self.encoder = Encoder(num_items + 2, max_len, cfg.hidden, cfg.heads, cfg.layers,
-                               cfg.dropout, backend, num_domains + 1, cfg.bottleneck_tokens,
-                               self.bottleneck_layers, self.tokens.bottleneck_domain,
-                               getattr(cfg, "head_dim", 0), getattr(cfg, "ffn_hidden", 0))
+        self.encoder = Encoder(
+            num_items + 2, max_len, hidden=cfg.hidden, heads=cfg.heads, layers=cfg.layers,
+            dropout=cfg.dropout, backend=backend,
+            num_domains=num_domains + 1,  # the bottleneck tokens' domain id included
+            num_bottleneck=cfg.bottleneck_tokens, bottleneck_layers=self.bottleneck_layers,
+            bottleneck_domain=self.tokens.bottleneck_domain,
+            head_dim=getattr(cfg, "head_dim", 0), ffn_hidden=getattr(cfg, "ffn_hidden", 0))
         # score(item) = h . e_item + b_item: the bias carries what every context shares (how
         # popular an item is), which a protocol with uniform negatives rewards
         bias = getattr(cfg, "item_bias", "none")
