@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import load_safe
-from .config import load_config
+from .config import bottleneck_tokens, load_config
 from .data.dataset import (build_leave_one_out, keep_domains, keep_shared_targets,
                            keep_target_domains, last_two_domains, load_dataset)
 from .data.synthetic import generate
@@ -58,8 +58,7 @@ def build_model(cfg, data):
     tokens only for objective=autocdsr_plus; a log-count item bias started from the training
     counts)."""
     model_cfg = cfg.model.copy()
-    if cfg.objective != "autocdsr_plus":
-        model_cfg.bottleneck_tokens = 0
+    model_cfg.bottleneck_tokens = bottleneck_tokens(cfg)
     model = Recommender(model_cfg, data.num_items, data.num_domains, cfg.data.max_len,
                         backend=cfg.attention.backend, mask_domain=cfg.data.mask_domain)
     if cfg.model.item_bias == "log_count":  # start from the training popularity's ranking

@@ -46,7 +46,8 @@ class ModelConfig:
     head_dim: int = opt(0, "attention head width; 0 = hidden / heads")
     ffn_hidden: int = opt(0, "feed-forward width; 0 = 4 x hidden")
     item_bias: str = opt("none", "none | zero | log_count: a learned per-item score offset")
-    bottleneck_tokens: int = opt(0, "AutoCDSR+: > 0 prepends learned IB tokens")
+    bottleneck_tokens: int = opt(0, "AutoCDSR+'s learned IB tokens; 0 = 4 with objective="
+                                    "autocdsr_plus (no other objective has any)")
     bottleneck_layers: int = opt(-1, "-1 = half of the layers")
 
 
@@ -227,6 +228,14 @@ def load_config(config_file=None, overrides=(), base=None):
     return cfg
 
 
+def bottleneck_tokens(cfg):
+    """The IB tokens a run's model gets: model.bottleneck_tokens, or 4 when that is 0, with
+    objective=autocdsr_plus; none with any other objective."""
+    if cfg.objective != "autocdsr_plus":
+        return 0
+    return cfg.model.bottleneck_tokens or 4
+
+
 def check_config(cfg):
     """Raise ConfigError for a value or a combination of values that cannot run."""
     for key, choices in CHOICES.items():
@@ -272,8 +281,6 @@ def check_config(cfg):
             raise ConfigError("objective=autocdsr_plus needs model.arch=bert4rec: with a causal "
                               "encoder the bottleneck tokens would carry future items back to "
                               "earlier positions (future leakage)")
-        if cfg.model.bottleneck_tokens < 1:
-            cfg.model.bottleneck_tokens = 4
     elif cfg.model.bottleneck_tokens > 0 and cfg.model.arch == "sasrec":
         raise ConfigError("model.bottleneck_tokens > 0 needs model.arch=bert4rec (a causal encoder "
                           "with bottleneck tokens leaks future items)")

@@ -54,8 +54,18 @@ def test_unknown_key_in_yaml(tmp_path):
 
 
 def test_autocdsr_plus_defaults_to_four_tokens():
-    cfg = load_config(None, ["objective=autocdsr_plus", "model.arch=bert4rec"])
-    assert cfg.model.bottleneck_tokens == 4
+    from autocdsr.build import build_model, load_data
+    from autocdsr.config import bottleneck_tokens
+    cfg = load_config(None, ["objective=autocdsr_plus", "model.arch=bert4rec",
+                             "data.synthetic_users=40"])
+    assert bottleneck_tokens(cfg) == 4 and cfg.model.bottleneck_tokens == 0  # not written back
+    assert build_model(cfg, load_data(cfg)[0]).encoder.num_bottleneck == 4
+    three = load_config(None, ["objective=autocdsr_plus", "model.arch=bert4rec",
+                               "model.bottleneck_tokens=3"])
+    assert bottleneck_tokens(three) == 3
+    other = load_config(None, ["objective=autocdsr", "model.arch=bert4rec",
+                               "model.bottleneck_tokens=3"])
+    assert bottleneck_tokens(other) == 0
 
 
 def test_every_shipped_recipe_loads_and_passes_the_checks():
