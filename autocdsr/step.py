@@ -54,9 +54,10 @@ class Forward(NamedTuple):
 class TrainStep:
     """model + torch.optim.AdamW (its state, hyper-parameters and scheduler) + the objective.
 
-    step(batch) -> dict of 0-d device tensors: loss (L_rec), cd (L_cd), lam, cosine, skipped
-    (1.0 where the step was non-finite and skipped); with per_domain also lam_per_domain and
-    cosine_per_domain ([num_domains]; lam and cosine are then their means). Running counters
+    step(batch) -> dict of 0-d device tensors, named as metrics.json's history names their epoch
+    means: train_loss (L_rec), cd_mass (L_cd), lambda, cosine, skipped (1.0 where the step was
+    non-finite and skipped); with per_domain also lambda_per_domain and cosine_per_domain
+    ([num_domains]; lambda and cosine are then their means). Running counters
     on the device: `fallbacks` (solver problems that fell back to g_rec), `skipped`,
     `bad_in_row`.
 
@@ -249,10 +250,10 @@ class TrainStep:
         self.skipped = self.skipped + bad
         self.bad_in_row = (self.bad_in_row + bad) * bad
         self.steps += 1
-        stats = {"loss": out["loss"], "cd": out["cd"], "lam": self.lam.float().mean(),
+        stats = {"train_loss": out["loss"], "cd_mass": out["cd"], "lambda": self.lam.float().mean(),
                  "cosine": self.cosine.float().mean(), "skipped": bad.float()}
         if self.num_tasks:
-            stats["lam_per_domain"] = self.lam.float()
+            stats["lambda_per_domain"] = self.lam.float()
             stats["cosine_per_domain"] = self.cosine.float()
         return stats
 

@@ -101,8 +101,8 @@ class Trainer:
         # the columns of a queued step-stats row (copied to the host in batches), by name
         self.domain_names = [str(t) for t in self.data.domain_tokens] \
             if cfg.weighting.per_domain else []
-        self.stat_columns = ["loss", "cd", "lam", "cos", "skipped", "bad_in_row"] + \
-            [f"lam@{d}" for d in self.domain_names] + [f"cos@{d}" for d in self.domain_names]
+        self.stat_columns = ["train_loss", "cd_mass", "lambda", "cosine", "skipped", "bad_in_row"] + \
+            [f"lambda@{d}" for d in self.domain_names] + [f"cosine@{d}" for d in self.domain_names]
         self.epoch_sums = self._zero_sums()
 
     # ------------------------------------------------------------------ state
@@ -142,7 +142,7 @@ class Trainer:
                     "bad_epochs", "skipped_steps"):
             setattr(self, key, state[key])
         self.history = json.loads(state["history"])
-        self.epoch_sums = json.loads(state["epoch_sums"])
+        self.epoch_sums = {_current_name(k): v for k, v in json.loads(state["epoch_sums"]).items()}
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -182,10 +182,9 @@ class Trainer:
         """
         out = self.step(batch)
         self.scheduler.step()
-        row = [out["loss"], out["cd"], out["lam"], out["cosine"], out["skipped"],
-               self.step.bad_in_row.float()]
+        row = [out[name] for name in self.stat_columns[:5]] + [self.step.bad_in_row.float()]
         if self.domain_names:
-            row += [*out["lam_per_domain"].unbind(), *out["cosine_per_domain"].unbind()]
+            row += [*out["lambda_per_domain"].unbind(), *out["cosine_per_domain"].unbind()]
         self.pending.append(torch.stack(row))
 
     def _flush(self):
@@ -253,8 +252,8 @@ class Trainer:
                 bar.update(1)
                 if len(self.pending) >= cfg.weighting.log_every:
                     last = self._flush()
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", cd=f"{last['cd']:.3f}",
-                                    lam=f"{last['lam']:+.3f}")
+                    bar.set_postfix(loss=f"{last['train_loss']:.3f}", cd=f"{last['cd_mass']:.3f}",
+                                    lam=f"{last['lambda']:+.3f}")
                 if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
                     self._flush()
                     self.epoch_sums["seconds"] += time.perf_counter() - t_start
@@ -265,16 +264,16 @@ class Trainer:
             self.epoch_sums["seconds"] += time.perf_counter() - t_start
             valid = self.evaluate(self.data.valid, "valid")
             sums, n = self.epoch_sums, max(1, self.epoch_sums["n"])
-            entry = {"epoch": self.epoch + 1, "train_loss": sums["loss"] / n, "cd_mass": sums["cd"] / n,
-                     "lambda": sums["lam"] / n, "cosine": sums["cos"] / n,
+            entry = {"epoch": self.epoch + 1,
+                     **{name: sums[name] / n for name in ("train_loss", "cd_mass", "lambda", "cosine")},
                      "seconds": sums["seconds"], "steps": sums["n"],
                      "seconds_per_step": sums["seconds"] / n,
                      "valid": {metric: valid["overall"][metric]},
                      "fallbacks": int(self.step.fallbacks), "skipped_steps": self.skipped_steps,
                      "allreduce_bytes_per_step": self.comm.bytes / max(1, self.global_step)}
             if self.domain_names:
-                entry["lambda_per_domain"] = {d: sums[f"lam@{d}"] / n for d in self.domain_names}
-                entry["cosine_per_domain"] = {d: sums[f"cos@{d}"] / n for d in self.domain_names}
+                for name in ("lambda", "cosine"):
+                    entry[f"{name}_per_domain"] = {d: sums[f"{name}@{d}"] / n for d in self.domain_names}
             self.history.append(entry)
             log.info("%s", self._epoch_line(entry, metric))
             self.epoch += 1
@@ -343,6 +342,14 @@ class Trainer:
         if self.comm.main:
             write_text_atomic(json.dumps(metrics, indent=1), os.path.join(cfg.run_dir, "metrics.json"))
         return metrics
+
+
+def _current_name(column):
+    """A step-stats column under its metrics.json name (a last.pt of an older version used
+    short ones)."""
+    base, at, domain = column.partition("@")
+    old = {"loss": "train_loss", "cd": "cd_mass", "lam": "lambda", "cos": "cosine"}
+    return old.get(base, base) + at + domain
 
 
 def setup_logging(run_dir):

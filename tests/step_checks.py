@@ -16,7 +16,7 @@ def assert_compiled_step_matches_eager(model, batch, make_step, steps=2, atol=1e
     compiled.function = compile_step(compiled.run, backend="aot_eager")
     for _ in range(steps):
         a, b = eager(batch), compiled(batch)
-        assert torch.allclose(a["lam"], b["lam"], atol=atol)
+        assert torch.allclose(a["lambda"], b["lambda"], atol=atol)
     for x, y in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(x, y, atol=atol)
 

@@ -134,14 +134,14 @@ def test_one_layer_step_on_gpu_is_sync_free_and_replays_as_a_graph(case):
     model = model.cuda()
     batch = {k: v.cuda() for k, v in batch.items()}
     step = _step(model, "last_layer", variant, amp_dtype=torch.bfloat16)
-    assert torch.isfinite(run_without_host_sync(step, batch)["loss"])
+    assert torch.isfinite(run_without_host_sync(step, batch)["train_loss"])
     eager, graph = copy.deepcopy(model), copy.deepcopy(model)
     runs = []
     for m, captured in ((eager, False), (graph, True)):
         s = _step(m, "last_layer", dict(variant, every=2), cuda_graph=captured)
         runs.append([{k: v.clone() for k, v in s(batch).items()} for _ in range(6)])
     for a, b in zip(*runs):
-        assert torch.allclose(a["lam"], b["lam"], atol=1e-5, rtol=1e-5)
-        assert torch.allclose(a["loss"], b["loss"], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(a["lambda"], b["lambda"], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(a["train_loss"], b["train_loss"], atol=1e-5, rtol=1e-5)
     for a, b in zip(eager.parameters(), graph.parameters()):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

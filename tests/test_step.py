@@ -90,10 +90,10 @@ def test_whole_step_compiles_fullgraph_and_matches_eager(case):
     eager_out, eager_params = _one_step(model, batch, objective, compile=False)
     compiled_out, compiled_params = _one_step(twin, batch, objective, compile=True)
     for a, b in zip(eager_out, compiled_out):
-        for key in ("loss", "cd", "lam", "cosine", "skipped"):
+        for key in ("train_loss", "cd_mass", "lambda", "cosine", "skipped"):
             assert torch.allclose(a[key], b[key], atol=1e-5), key
     if objective != "base":
-        assert eager_out[1]["lam"].item() != 0.0
+        assert eager_out[1]["lambda"].item() != 0.0
     for a, b in zip(eager_params, compiled_params):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -108,7 +108,7 @@ def test_step_with_the_fused_kernels_compiles_fullgraph():
     eager_out, eager_params = _one_step(model, batch, "autocdsr", compile=False)
     compiled_out, compiled_params = _one_step(twin, batch, "autocdsr", compile=True,
                                               backend="eager")
-    assert torch.allclose(eager_out[1]["lam"], compiled_out[1]["lam"], atol=1e-5)
+    assert torch.allclose(eager_out[1]["lambda"], compiled_out[1]["lambda"], atol=1e-5)
     for a, b in zip(eager_params, compiled_params):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -121,6 +121,7 @@ def test_eager_step_skips_a_non_finite_step_exactly():
     batch["target_weight"] = batch["target_weight"] * float("nan")
     out = step(batch)
     assert out["skipped"].item() == 1.0 and step.skipped.item() == 1
+    assert torch.isnan(out["train_loss"]) and set(out) >= {"cd_mass", "lambda", "cosine"}
     after = (model.state_dict(), step.optimizer.state_dict())
     for key, value in before[0].items():
         assert torch.equal(value, after[0][key])
@@ -161,7 +162,7 @@ def test_whole_step_runs_without_host_sync_on_gpu(case):
     step = TrainStep(model, make_optimizer(model, TrainConfig()), objective=objective,
                      amp_dtype=torch.bfloat16)
     out = run_without_host_sync(step, batch)
-    assert torch.isfinite(out["loss"])
+    assert torch.isfinite(out["train_loss"])
 
 
 @pytest.mark.gpu
@@ -176,8 +177,8 @@ def test_inductor_compiled_step_matches_eager_on_gpu(case):
                          compile=compile)
         outs.append([step(batch) for _ in range(3)])
     for a, b in zip(*outs):
-        assert torch.allclose(a["lam"], b["lam"], atol=1e-4)
-        assert torch.allclose(a["loss"], b["loss"], atol=1e-4)
+        assert torch.allclose(a["lambda"], b["lambda"], atol=1e-4)
+        assert torch.allclose(a["train_loss"], b["train_loss"], atol=1e-4)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-4)
 
@@ -219,10 +220,10 @@ def test_graph_replay_equals_eager_on_gpu(case):
         if graph:
             assert step.function.captured == (1 if objective == "base" else 2)
     for a, b in zip(*runs):
-        for key in ("loss", "cd", "lam"):
+        for key in ("train_loss", "cd_mass", "lambda"):
             assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), key
     if objective != "base":
-        assert runs[1][-1]["lam"].item() != 0.0
+        assert runs[1][-1]["lambda"].item() != 0.0
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -249,8 +250,8 @@ def test_graph_replay_runs_without_host_sync_on_gpu(case):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.function.captured == 1
-    assert all(torch.isfinite(o["loss"]) for o in outs)
-    assert outs[0]["loss"].item() != outs[1]["loss"].item()  # the new batch was used
+    assert all(torch.isfinite(o["train_loss"]) for o in outs)
+    assert outs[0]["train_loss"].item() != outs[1]["train_loss"].item()  # the new batch was used
 
 
 def test_compiler_settings_hold_only_while_the_compiled_step_runs():

@@ -138,3 +138,9 @@ def test_reevaluated_checkpoint_is_a_run_folder_compare_reads(tmp_path):
     assert more["negative_draws"] == 3 and more["test"] != trained["test"]
     cfg, metrics = load_run(str(tmp_path / "more"))
     assert cfg.eval.negative_draws == 3 and metrics["test"] == more["test"]
+
+
+def test_an_older_last_pt_resumes_under_the_current_stat_names():
+    from autocdsr.train import _current_name
+    assert [_current_name(k) for k in ("loss", "cd", "lam", "cos", "lam@2", "cos@0", "n")] == \
+        ["train_loss", "cd_mass", "lambda", "cosine", "lambda@2", "cosine@0", "n"]

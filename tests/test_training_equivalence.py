@@ -67,7 +67,7 @@ def test_trainstep_equals_clip_grad_norm_then_torch_adamw(data, loss, fused):
         norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
         assert norm > 0.5  # clipping was active
         reference.step()
-        assert torch.allclose(ours["loss"], plain.detach(), atol=1e-6)
+        assert torch.allclose(ours["train_loss"], plain.detach(), atol=1e-6)
         for a, b in zip(model.parameters(), twin.parameters()):
             assert torch.allclose(a, b, atol=1e-6, rtol=0), index
 
