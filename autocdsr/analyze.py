@@ -130,9 +130,8 @@ def plot_trajectory(histories, path, metric="NDCG@10"):
 
 def _test_ranks(cfg, data, model):
     from .evaluate import model_scorer, target_ranks, uses_cosine
-    return target_ranks(model_scorer(model, None, uses_cosine(cfg)), data, data.test,
-                        cfg.eval.protocol, cfg.eval.batch_size, "cpu", cfg.train.seed,
-                        cfg.data.max_len, cfg.model.arch, model.tokens, desc="strata")
+    return target_ranks(model_scorer(model, None, uses_cosine(cfg)), data, data.test, cfg, "cpu",
+                        desc="strata")
 
 
 def strata(run_dir, single_dir, against=(), k=10):

@@ -132,11 +132,11 @@ def direct_domain_negatives(data, split, rows, rng, count=999):
 
 
 @torch.no_grad()
-def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_len, arch,
-                 tokens, desc="eval", comm=None, draws=1):
+def target_ranks(score_fn, data, split, cfg, device, desc="eval", comm=None):
     """score_fn(batch, candidates) -> scores of the [B, n] candidate ids, or of every id
-    ([B, num_items + 1], column 0 = padding) when candidates is None. tokens: the model's
-    TokenSpec (the [MASK] id and domain of BERT4Rec's appended [MASK]). Returns the ranks
+    ([B, num_items + 1], column 0 = padding) when candidates is None. cfg: the run's config
+    (eval.protocol, eval.batch_size, eval.negative_draws = draws, train.seed = seed, and the
+    batch layout: data.max_len, model.arch, data.mask_domain). Returns the ranks
     [rows], or [rows, draws] for a sampled protocol with draws > 1: that many independent
     negative sets per row (draw 0 is the single draw's), scored in one call; the metrics of
     such ranks are their means over the draws.
@@ -144,6 +144,9 @@ def target_ranks(score_fn, data, split, protocol, batch_size, device, seed, max_
     Each batch draws its negatives from a generator seeded by (seed, first row), so a batch's
     candidates do not depend on which process scores it: with comm (data parallelism) the
     batches are dealt out to the ranks and the ranks gathered, equal to one process's."""
+    protocol, batch_size, draws = cfg.eval.protocol, cfg.eval.batch_size, cfg.eval.negative_draws
+    seed, max_len, arch = cfg.train.seed, cfg.data.max_len, cfg.model.arch
+    tokens = TokenSpec.for_run(data.num_items, data.num_domains, cfg.data.mask_domain)
     rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     ranks = {}
     starts = list(range(0, len(split), batch_size))[rank::world]
@@ -223,10 +226,7 @@ def popularity_scorer(popularity, device):
 def evaluate_split(score_fn, data, split, cfg, device, desc="eval", comm=None):
     """Metrics of one split under cfg.eval.protocol (negatives seeded by cfg.train.seed; for a
     sampled protocol, averaged over cfg.eval.negative_draws independent negative sets)."""
-    tokens = TokenSpec.for_run(data.num_items, data.num_domains, cfg.data.mask_domain)
-    ranks = target_ranks(score_fn, data, split, cfg.eval.protocol, cfg.eval.batch_size, device,
-                         cfg.train.seed, cfg.data.max_len, cfg.model.arch, tokens, desc, comm,
-                         cfg.eval.negative_draws)
+    ranks = target_ranks(score_fn, data, split, cfg, device, desc, comm)
     ks = list(cfg.eval.ks)
     return metrics_by_domain(ranks, split.target_domains, data.domain_tokens, ks)
 

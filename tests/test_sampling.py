@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from autocdsr.config import load_config
 from autocdsr.data.dataset import build_leave_one_out
 from autocdsr.data.synthetic import generate
 from autocdsr.evaluate import domain_negatives
@@ -53,16 +54,15 @@ def test_same_seed_same_negatives(data):
 def test_several_negative_draws_average_independent_sets(data):
     """eval.negative_draws: draw 0 is the single draw's negatives; the others are different
     sets; the metrics are the means of the per-draw metrics."""
-    import torch
     from autocdsr.evaluate import table_scorer, target_ranks
     from autocdsr.metrics import metrics_by_domain
-    from autocdsr.models.tokens import TokenSpec
-    tokens = TokenSpec.for_run(data.num_items, data.num_domains)
     scores = np.random.default_rng(0).random((len(data.test), data.num_items + 1))
     score = table_scorer(scores, "cpu")
-    args = (score, data, data.test, "uni999_domain", 64, "cpu", 5, 20, "sasrec", tokens)
-    one = target_ranks(*args)
-    three = target_ranks(*args, draws=3)
+    cfg = lambda draws: load_config(None, ["eval.protocol=uni999_domain", "eval.batch_size=64",
+                                           "train.seed=5", "data.max_len=20",
+                                           f"eval.negative_draws={draws}"])
+    one = target_ranks(score, data, data.test, cfg(1), "cpu")
+    three = target_ranks(score, data, data.test, cfg(3), "cpu")
     assert three.shape == (len(data.test), 3)
     assert np.array_equal(three[:, 0], one)
     assert not np.array_equal(three[:, 1], three[:, 0])
@@ -76,17 +76,13 @@ def test_several_negative_draws_average_independent_sets(data):
 
 
 def test_full_domain_ranks_the_target_among_its_domains_items(data):
-    import torch
     from autocdsr.evaluate import table_scorer, target_ranks
-    from autocdsr.models.tokens import TokenSpec
-    tokens = TokenSpec.for_run(data.num_items, data.num_domains)
     scores = np.random.default_rng(1).random((len(data.test), data.num_items + 1))
-    ranks = target_ranks(table_scorer(scores, "cpu"), data, data.test, "full_domain", 64, "cpu",
-                         5, 20, "sasrec", tokens)
+    cfg = lambda protocol: load_config(None, [f"eval.protocol={protocol}", "data.max_len=20"])
+    ranks = target_ranks(table_scorer(scores, "cpu"), data, data.test, cfg("full_domain"), "cpu")
     for r in range(0, len(data.test), 17):
         target = data.test.targets[r]
         pool = [i for i in data.domain_items[data.test.target_domains[r]] if i != target]
         assert ranks[r] == (scores[r, pool] > scores[r, target]).sum()
-    full = target_ranks(table_scorer(scores, "cpu"), data, data.test, "full", 64, "cpu", 5, 20,
-                        "sasrec", tokens)
+    full = target_ranks(table_scorer(scores, "cpu"), data, data.test, cfg("full"), "cpu")
     assert (ranks <= full).all() and (ranks < full).any()
