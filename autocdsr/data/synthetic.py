@@ -45,7 +45,7 @@ def generate(num_users=3000, min_len=20, max_len=60, seed=0, spurious=True):
     target), for oracle_table. spurious=False makes the spurious domain random everywhere
     (the control that shows what the shortcut costs the base model)."""
     rng = np.random.default_rng(seed)
-    users, items, domains, times, oracle = [], [], [], [], {}
+    sequences, oracle = [], {}
     for u in range(num_users):
         topic, cursor = int(rng.integers(NUM_TOPICS)), int(rng.integers(RING))
         length = int(rng.integers(min_len, max_len + 1))
@@ -68,17 +68,20 @@ def generate(num_users=3000, min_len=20, max_len=60, seed=0, spurious=True):
             else:
                 named = int(rng.integers(RING))
             seq_items.append(_item(2, topic, named, int(rng.integers(COPIES))))
-        token = f"u{u}"
-        oracle[token] = (topic, int(cursors[length - 2]), int(cursors[length - 1]))
-        users += [token] * length
-        items += seq_items
-        domains += seq_domains.tolist()
-        times += list(range(length))
+        oracle[f"u{u}"] = (topic, int(cursors[length - 2]), int(cursors[length - 1]))
+        sequences.append((seq_items, seq_domains))
+    return as_frame(sequences, Oracle(oracle, default_oracle_scores))
+
+
+def as_frame(sequences, oracle):
+    """The frame read_inter would return for [(items, domains)] per user u0, u1, ... (event
+    positions as timestamps), with the generator's oracle beside it."""
+    users = [f"u{u}" for u, (items, _) in enumerate(sequences) for _ in items]
     return {"user": pa.chunked_array([pa.array(users)]),
-            "item": pa.chunked_array([pa.array(items)]),
-            "domain": np.asarray(domains, dtype=np.int64),
-            "timestamp": np.asarray(times, dtype=np.float64),
-            "oracle": Oracle(oracle, default_oracle_scores)}
+            "item": pa.chunked_array([pa.array([i for items, _ in sequences for i in items])]),
+            "domain": np.concatenate([d for _, d in sequences]).astype(np.int64),
+            "timestamp": np.concatenate([np.arange(len(d)) for _, d in sequences]).astype(np.float64),
+            "oracle": oracle}
 
 
 def oracle_scores(index, topic, cursor, probs=DOMAIN_PROBS):

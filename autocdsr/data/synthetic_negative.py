@@ -17,9 +17,8 @@ default data's positive transfer, plus a domain that a cross-domain model is hur
   (`data.domains=[3] data.shared_targets=true` scores it on the same targets).
 """
 import numpy as np
-import pyarrow as pa
 
-from .synthetic import FLIP, NUM_TOPICS, RING, Oracle, _item, oracle_scores
+from .synthetic import FLIP, NUM_TOPICS, RING, Oracle, _item, as_frame, oracle_scores
 
 DOMAIN_PROBS = (0.2, 0.3, 0.25, 0.25)
 RING3 = 16        # slots of the hurt domain's own ring
@@ -40,7 +39,7 @@ def generate_negative(num_users=3000, min_len=20, max_len=60, seed=0):
     state per user is (topic, cursor before the valid / test target, domain 3's topic, its
     cursor before the valid / test target))."""
     rng = np.random.default_rng(seed)
-    users, items, domains, times, oracle = [], [], [], [], {}
+    sequences, oracle = [], {}
     for u in range(num_users):
         topic, cursor = int(rng.integers(NUM_TOPICS)), int(rng.integers(RING))
         topic3, cursor3 = int(rng.integers(NUM_TOPICS)), int(rng.integers(RING3))
@@ -68,18 +67,10 @@ def generate_negative(num_users=3000, min_len=20, max_len=60, seed=0):
                 named = slots[later[0]] if len(later) and later[0] <= length - 3 \
                     else int(rng.integers(RING3))  # the named event is a valid / test target
                 seq_items.append(_hint_item(named, int(rng.integers(HINT_COPIES))))
-        token = f"u{u}"
-        oracle[token] = (topic, int(cursors[length - 2, 0]), int(cursors[length - 1, 0]),
-                         topic3, int(cursors[length - 2, 1]), int(cursors[length - 1, 1]))
-        users += [token] * length
-        items += seq_items
-        domains += seq_domains.tolist()
-        times += list(range(length))
-    return {"user": pa.chunked_array([pa.array(users)]),
-            "item": pa.chunked_array([pa.array(items)]),
-            "domain": np.asarray(domains, dtype=np.int64),
-            "timestamp": np.asarray(times, dtype=np.float64),
-            "oracle": Oracle(oracle, negative_oracle_scores)}
+        oracle[f"u{u}"] = (topic, int(cursors[length - 2, 0]), int(cursors[length - 1, 0]),
+                            topic3, int(cursors[length - 2, 1]), int(cursors[length - 1, 1]))
+        sequences.append((seq_items, seq_domains))
+    return as_frame(sequences, Oracle(oracle, negative_oracle_scores))
 
 
 def negative_oracle_scores(index, state, which):
