@@ -12,10 +12,32 @@ batch) and carries `target_slots` / `target_weight`: the flat [B * L] positions 
 target, padded to a fixed capacity with weight 0. The loss gathers those rows with a
 fixed-size index, not a boolean mask (which would need the count on the host).
 """
+from typing import TypedDict
+
 import numpy as np
 import torch
 
 from .dataset import PAD
+
+
+class Batch(TypedDict):
+    """What every batch holds: int64 tensors, B rows, L positions."""
+    items: torch.Tensor     # [B, L] item ids: 0 = padding, num_items + 1 = [MASK]
+    domains: torch.Tensor   # [B, L] domain ids: -1 = padding
+    seq_lens: torch.Tensor  # [B] each row's valid prefix
+    targets: torch.Tensor   # training [B, L] (0 = no target there), evaluation [B]
+
+
+class TrainBatch(Batch):
+    """A training batch: fixed shapes whatever the data (see the module docstring)."""
+    target_slots: torch.Tensor   # [capacity] flat B * L positions that hold a target
+    target_weight: torch.Tensor  # [capacity] float32: 1 for a target, 0 for a filler slot
+
+
+class EvalBatch(Batch):
+    """An evaluation batch: one target per row."""
+    target_domains: torch.Tensor  # [B] the target's domain id
+    rows: torch.Tensor            # [B] the rows of the split these are
 
 
 def _pad_rows(seqs, rows, length, take_last):
@@ -35,7 +57,7 @@ def _pad_rows(seqs, rows, length, take_last):
     return items, domains, lengths
 
 
-def sasrec_train_batch(seqs, rows, max_len):
+def sasrec_train_batch(seqs, rows, max_len) -> TrainBatch:
     """Inputs = events[:-1], targets = events[1:] over the last max_len + 1 events."""
     items, domains, lengths = _pad_rows(seqs, rows, max_len + 1, max_len + 1)
     inputs, input_domains = items[:, :-1].copy(), domains[:, :-1].copy()
@@ -48,7 +70,7 @@ def sasrec_train_batch(seqs, rows, max_len):
     return _train_tensors(inputs, input_domains, lengths, targets, targets.size)
 
 
-def bert4rec_train_batch(seqs, rows, max_len, tokens, mask_prob, rng):
+def bert4rec_train_batch(seqs, rows, max_len, tokens, mask_prob, rng) -> TrainBatch:
     """Cloze: each real position is masked with probability mask_prob (at least one per
     row); targets are the hidden items at masked positions, PAD elsewhere."""
     items, domains, lengths = _pad_rows(seqs, rows, max_len, max_len)
@@ -85,7 +107,7 @@ def target_slots(targets, capacity):
     return slots, weight
 
 
-def shard_batch(batch, rank, world):
+def shard_batch(batch, rank, world) -> TrainBatch:
     """Rows rank, rank + world, ... of a global training batch (data parallelism), with the
     target slots recomputed for those rows; capacity: the rows' share of the batch's."""
     part = {key: batch[key][rank::world] for key in ("items", "domains", "seq_lens", "targets")}
@@ -99,14 +121,14 @@ def shard_batch(batch, rank, world):
     return part
 
 
-def _train_tensors(items, domains, lengths, targets, capacity):
+def _train_tensors(items, domains, lengths, targets, capacity) -> TrainBatch:
     batch = _tensors(items, domains, lengths, targets)
     slots, weight = target_slots(targets, capacity)
     batch["target_slots"], batch["target_weight"] = torch.from_numpy(slots), torch.from_numpy(weight)
     return batch
 
 
-def eval_batch(seqs, rows, max_len, arch, tokens):
+def eval_batch(seqs, rows, max_len, arch, tokens) -> EvalBatch:
     """Histories for scoring. SASRec reads the last max_len events and predicts from the last
     position; BERT4Rec appends [MASK] after the last max_len - 1 events and predicts there."""
     if arch == "sasrec":
@@ -124,7 +146,7 @@ def eval_batch(seqs, rows, max_len, arch, tokens):
     return batch
 
 
-def _tensors(items, domains, lengths, targets):
+def _tensors(items, domains, lengths, targets) -> Batch:
     return {"items": torch.from_numpy(items), "domains": torch.from_numpy(domains),
             "seq_lens": torch.from_numpy(lengths), "targets": torch.from_numpy(targets)}
 
