@@ -22,6 +22,7 @@ from .balancing import balanced_gradients, one_layer_balanced_gradients
 from .graph_step import CapturedStep
 from .optim import adamw_update, clip_scale
 from .losses import recommendation_loss
+from .models import Intermediates
 from .objectives import cross_domain_loss, cross_domain_loss_per_domain, domain_query_counts
 
 
@@ -156,10 +157,9 @@ class TrainStep:
         # a captured graph must not keep autocast's cast-weight cache across replays
         with torch.autocast(batch["items"].device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None, cache_enabled=not self.cuda_graph):
-            item_vectors = model.item_embedding(batch["items"])
-            block_inputs = [] if self.one_layer else None
-            hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"],
-                                   item_vectors, block_inputs)
+            keep = Intermediates(block_inputs=[] if self.one_layer else None)
+            hidden, masses = model(batch["items"], batch["domains"], batch["seq_lens"], keep)
+            item_vectors, block_inputs = keep.item_vectors, keep.block_inputs
             weights, bias = model.item_weights(), model.item_biases()
             loss_rec = recommendation_loss(self.loss, hidden, weights, batch["targets"],
                                            batch["target_slots"], batch["target_weight"],

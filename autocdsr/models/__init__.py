@@ -1,4 +1,5 @@
 """Transformer recommenders whose attention also returns the cross-domain mass."""
+from .encoder import Intermediates
 from .recommender import Recommender
 
-__all__ = ["Recommender"]
+__all__ = ["Intermediates", "Recommender"]

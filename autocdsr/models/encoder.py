@@ -1,5 +1,7 @@
 """A pre-norm transformer encoder whose attention goes through kernels.cross_domain_attention
 and returns, per layer, the cross-domain attention mass [B, H, L] next to the hidden states."""
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -52,6 +54,16 @@ class Block(nn.Module):
         return [self.norm1, self.attn.qkv]
 
 
+@dataclass
+class Intermediates:
+    """What a forward pass hands back besides its outputs, for a caller that takes gradients
+    at these points (the training step): the item-table lookup [B, L, hidden] (a gradient with
+    respect to it, not to the whole table, is the table's sparse gradient), and, when
+    block_inputs is a list, each block's input (the residual stream entering it)."""
+    item_vectors: torch.Tensor = None
+    block_inputs: list = None
+
+
 class Encoder(nn.Module):
     """Item + learned position embeddings, `layers` pre-norm blocks, a final LayerNorm.
 
@@ -80,16 +92,16 @@ class Encoder(nn.Module):
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def forward(self, items, domains, seq_lens, causal, item_vectors=None, block_inputs=None):
+    def forward(self, items, domains, seq_lens, causal, keep=None):
         """Returns hidden [B, L, hidden] over the real positions and the list of per-layer
-        masses [B, H, L], IB positions removed (their mass is 0 by definition).
-        item_vectors: the item-table lookup of `items`, when the caller made it (to take a
-        gradient with respect to it rather than to the whole table). block_inputs: a list
-        that receives each block's input (the residual stream entering it)."""
+        masses [B, H, L], IB positions removed (their mass is 0 by definition). keep: an
+        Intermediates to fill with the points a caller takes gradients at."""
         batch, length = items.shape
         positions = torch.arange(length, device=items.device)
-        if item_vectors is None:
-            item_vectors = self.item_embedding(items)
+        item_vectors = self.item_embedding(items)
+        block_inputs = None
+        if keep is not None:
+            keep.item_vectors, block_inputs = item_vectors, keep.block_inputs
         x = item_vectors + self.position_embedding(positions)[None]
         nb = self.num_bottleneck
         if nb:

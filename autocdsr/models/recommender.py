@@ -64,10 +64,10 @@ class Recommender(nn.Module):
     def item_embedding(self):
         return self.encoder.item_embedding
 
-    def forward(self, items, domains, seq_lens, item_vectors=None, block_inputs=None):
-        """Hidden states [B, L, hidden] and the per-layer masses [B, H, L] (block_inputs: a
-        list that receives each block's input)."""
-        return self.encoder(items, domains, seq_lens, self.causal, item_vectors, block_inputs)
+    def forward(self, items, domains, seq_lens, keep=None):
+        """Hidden states [B, L, hidden] and the per-layer masses [B, H, L] (keep: an
+        Intermediates that receives the item lookup and, if asked, each block's input)."""
+        return self.encoder(items, domains, seq_lens, self.causal, keep)
 
     def parameters_from(self, layer):
         """The parameters used only at or above the input of block `layer`: blocks layer, ...
