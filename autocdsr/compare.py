@@ -196,7 +196,8 @@ def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
     protocol = cross[0][2]["protocol"]
     lines = [f"Protocol: {protocol}; test split; the cross-domain base's rows of target domain d "
              "against a base trained on domain d alone, scored on the same targets; mean ± std "
-             "over seeds; in brackets: cross - single and the paired t-test p-value.", "",
+             "over seeds; in brackets: cross - single and the paired t-test p-value over the seeds "
+             "both have.", "",
              "| target domain | targets (cross / single) | " +
              " | ".join(f"single {k} | cross {k}" for k in metric_keys) + " |",
              "|" + "---|" * (2 + 2 * len(metric_keys))]
