@@ -163,8 +163,7 @@ def target_ranks(score_fn, data, split, cfg, device, desc="eval", comm=None):
             scores = score_fn(batch, None).float()
             target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
             if protocol == "full_domain":
-                domains = torch.as_tensor(split.target_domains[rows], dtype=torch.long, device=device)
-                scores.masked_fill_(~member[domains], -torch.inf)
+                scores.masked_fill_(~member[batch["target_domains"]], -torch.inf)
             scores[:, 0] = -torch.inf  # padding is never a candidate
             scores.scatter_(1, batch["targets"][:, None], -torch.inf)  # nor the target itself
         else:

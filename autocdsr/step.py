@@ -52,6 +52,10 @@ class Forward(NamedTuple):
     tasks_below: torch.Tensor = None  # last_layer: the tasks' terms of the layers below it
 
 
+# the 0-d statistics every step returns, by the names metrics.json's history gives their means
+STEP_STATS = ("train_loss", "cd_mass", "lambda", "cosine", "skipped")
+
+
 class TrainStep:
     """model + torch.optim.AdamW (its state, hyper-parameters and scheduler) + the objective.
 

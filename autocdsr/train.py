@@ -25,7 +25,7 @@ from .data.synthetic import oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
 from .optim import make_optimizer
-from .step import TrainStep
+from .step import STEP_STATS, TrainStep
 
 log = logging.getLogger("autocdsr")
 
@@ -101,7 +101,7 @@ class Trainer:
         # the columns of a queued step-stats row (copied to the host in batches), by name
         self.domain_names = [str(t) for t in self.data.domain_tokens] \
             if cfg.weighting.per_domain else []
-        self.stat_columns = ["train_loss", "cd_mass", "lambda", "cosine", "skipped", "bad_in_row"] + \
+        self.stat_columns = [*STEP_STATS, "bad_in_row"] + \
             [f"lambda@{d}" for d in self.domain_names] + [f"cosine@{d}" for d in self.domain_names]
         self.epoch_sums = self._zero_sums()
 
@@ -182,7 +182,7 @@ class Trainer:
         """
         out = self.step(batch)
         self.scheduler.step()
-        row = [out[name] for name in self.stat_columns[:5]] + [self.step.bad_in_row.float()]
+        row = [out[name] for name in STEP_STATS] + [self.step.bad_in_row.float()]
         if self.domain_names:
             row += [*out["lambda_per_domain"].unbind(), *out["cosine_per_domain"].unbind()]
         self.pending.append(torch.stack(row))

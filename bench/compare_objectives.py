@@ -59,24 +59,23 @@ def run_dir_of(out, name, seed):
     return os.path.join(out, "runs", name.replace("/", "_"), f"seed{seed}")
 
 
-def run_variant(out, name, seed, settings):
-    run_dir = run_dir_of(out, name, seed)
+def _train_once(run_dir, overrides, seed):
+    """Train the study run with these overrides into run_dir, unless it has finished already."""
     if not os.path.exists(os.path.join(run_dir, "metrics.json")):
-        cfg = load_config(None, STUDY_DEFAULTS + VARIANTS[name] + settings +
-                          [f"train.seed={seed}", f"run_dir={run_dir}"])
-        train(cfg)
+        train(load_config(None, STUDY_DEFAULTS + overrides +
+                          [f"train.seed={seed}", f"run_dir={run_dir}"]))
     return run_dir
+
+
+def run_variant(out, name, seed, settings):
+    return _train_once(run_dir_of(out, name, seed), VARIANTS[name] + settings, seed)
 
 
 def run_single_domain(out, arch, domain, seed, settings):
     """The single-domain base of `arch` on `domain`, scored on the cross-domain run's targets."""
-    run_dir = os.path.join(out, "runs", f"{arch}_single{domain}", f"seed{seed}")
-    if not os.path.exists(os.path.join(run_dir, "metrics.json")):
-        cfg = load_config(None, STUDY_DEFAULTS + [f"model.arch={arch}", "objective=base"] + settings +
-                          [f"data.domains=[{domain}]", "data.shared_targets=true",
-                           f"train.seed={seed}", f"run_dir={run_dir}"])
-        train(cfg)
-    return run_dir
+    return _train_once(run_dir_of(out, f"{arch}/single{domain}", seed),
+                       [f"model.arch={arch}", "objective=base"] + settings +
+                       [f"data.domains=[{domain}]", "data.shared_targets=true"], seed)
 
 
 def reevaluate_run(run_dir, protocol, out_dir):
@@ -126,13 +125,15 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     runs = {name: [] for name in args.variants}
+    singles = {}  # arch -> {domain: [run dirs]}
     for seed in args.seeds:  # seed-major: a partial study already has every variant
         for name in args.variants:
             runs[name].append(run_variant(args.out, name, seed, args.set))
         for arch in ("sasrec", "bert4rec"):
             if f"{arch}/base" in runs:
                 for domain in args.single_domains:
-                    run_single_domain(args.out, arch, domain, seed, args.set)
+                    singles.setdefault(arch, {}).setdefault(domain, []).append(
+                        run_single_domain(args.out, arch, domain, seed, args.set))
     settings = STUDY_DEFAULTS + args.set
     report = [f"Settings for every run: {' '.join(settings)}; seeds {args.seeds}.", ""]
     for arch in ("sasrec", "bert4rec"):
@@ -142,10 +143,8 @@ def main(argv=None):
         dirs = [d for n in names for d in runs[n]]
         text, _ = compare(dirs, out=os.path.join(args.out, arch))
         report += [f"## {arch}", "", text, ""]
-        if args.single_domains and f"{arch}/base" in runs:
-            single = {d: [run_single_domain(args.out, arch, d, s, args.set) for s in args.seeds]
-                      for d in args.single_domains}
-            text, _ = transfer_table(runs[f"{arch}/base"], single)
+        if arch in singles:
+            text, _ = transfer_table(runs[f"{arch}/base"], singles[arch])
             report += [f"## {arch}: transfer per domain (single- vs cross-domain base)", "", text, ""]
         if args.also_protocol:
             again = [reevaluate_run(d, args.also_protocol, d.replace(os.sep + "runs" + os.sep,
