@@ -40,6 +40,10 @@ VARIANTS = {
     "sasrec/per_domain": ["model.arch=sasrec", "objective=autocdsr", "weighting.per_domain=true"],
     "sasrec/per_domain_gate": ["model.arch=sasrec", "objective=autocdsr",
                                "weighting.per_domain=true", "weighting.gate=true"],
+    # the one-layer Gram set with one combined backward (the cheap step)
+    "sasrec/autocdsr_last_layer": ["model.arch=sasrec", "objective=autocdsr", "weighting.shared=last_layer"],
+    "sasrec/layers0_last_layer": ["model.arch=sasrec", "objective=autocdsr", "weighting.layers=[0]",
+                                  "weighting.shared=last_layer"],
     "bert4rec/base": ["model.arch=bert4rec", "objective=base"],
     "bert4rec/autocdsr": ["model.arch=bert4rec", "objective=autocdsr"],
     "bert4rec/autocdsr_plus": ["model.arch=bert4rec", "objective=autocdsr_plus"],
@@ -51,6 +55,9 @@ VARIANTS = {
     "bert4rec/gate": ["model.arch=bert4rec", "objective=autocdsr", "weighting.gate=true"],
     "bert4rec/per_domain_gate": ["model.arch=bert4rec", "objective=autocdsr",
                                  "weighting.per_domain=true", "weighting.gate=true"],
+    "bert4rec/autocdsr_last_layer": ["model.arch=bert4rec", "objective=autocdsr", "weighting.shared=last_layer"],
+    "bert4rec/autocdsr_plus_last_layer": ["model.arch=bert4rec", "objective=autocdsr_plus",
+                                          "weighting.shared=last_layer"],
 }
 STUDY_DEFAULTS = ["train.epochs=30", "train.patience=6"]
 
