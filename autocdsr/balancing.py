@@ -12,12 +12,61 @@ of parameters:
   one attention backward of block l; no second full backward, no repeated loss-head backward.
 """
 import torch
-import torch.nn.functional as F
+
+from typing import NamedTuple
 
 from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
 
 
-def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, lookup=None,
+class TableReads(NamedTuple):
+    """How the losses read the item table params[index]: the lookup vectors = table[items]
+    [B, L, H] (the encoder's input) and the loss head's scoring rows `head` (the table's
+    leading rows). Gradients are taken with respect to these two instead of the table, and
+    the table's gradient is the head's plus one index_add of the looked-up rows: autograd
+    would write a dense table-sized gradient for each read and then sum them, three sweeps of
+    a table that can hold millions of rows."""
+    index: int
+    items: torch.Tensor
+    vectors: torch.Tensor
+    head: torch.Tensor
+
+
+def table_gradient(table, head_grad, lookup_grad, items):
+    """The item table's gradient from the head's [R, H] (its first R rows; None: unread) and
+    the lookup's [B, L, H] (None: unreached) gradients. Row 0 is padding: it gets nothing."""
+    owned = head_grad is None or head_grad.shape[0] < table.shape[0]  # a tensor made here
+    if head_grad is None:
+        dense = torch.zeros_like(table)
+    elif head_grad.shape[0] < table.shape[0]:
+        dense = torch.cat([head_grad, head_grad.new_zeros((table.shape[0] - head_grad.shape[0],
+                                                           *head_grad.shape[1:]))])
+    else:
+        dense = head_grad  # autograd's: not written in place
+    if lookup_grad is None:
+        return dense
+    rows = torch.where((items != 0)[..., None], lookup_grad, 0.0)
+    rows = rows.reshape(-1, table.shape[-1]).to(dense.dtype)
+    add = torch.Tensor.index_add_ if owned else torch.Tensor.index_add
+    return add(dense, 0, items.reshape(-1), rows)
+
+
+def gradients(output, params, reads=None, retain_graph=False):
+    """torch.autograd.grad(output, params), zeros where unreached; with reads (TableReads) the
+    table's gradient through table_gradient."""
+    if reads is None:
+        return _materialise(torch.autograd.grad(output, params, retain_graph=retain_graph,
+                                                allow_unused=True), params)
+    others = [i for i in range(len(params)) if i != reads.index]
+    found = torch.autograd.grad(output, [params[i] for i in others] + [reads.head, reads.vectors],
+                                retain_graph=retain_graph, allow_unused=True)
+    grads = [None] * len(params)
+    for i, g in zip(others, found):
+        grads[i] = g
+    grads[reads.index] = table_gradient(params[reads.index], found[-2], found[-1], reads.items)
+    return _materialise(grads, params)
+
+
+def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, reads=None,
                        reduce=None, gate=False):
     """(grads, lam, cosine, ok): the update direction of every parameter.
 
@@ -33,11 +82,11 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
     conflict (cosine < 0), i.e. the penalty acts only where lowering L_cd_k does not raise
     L_rec to first order.
 
-    lookup = (table index in params, items [B, L], item_vectors [B, L, H] = table[items]):
-    L_cd reaches the item table only through this lookup, so its gradient is taken with
-    respect to the [B, L, H] lookup output and added, times lambda, into the touched rows of
-    g_rec's table gradient (index_add): the cd passes never write a dense table gradient
-    and the combine never sweeps the table. (The table must then not be in the Gram set.)
+    reads (TableReads; None: the table as any parameter): L_rec's table gradient through
+    table_gradient; L_cd reaches the table only through the lookup, so its gradient is taken
+    with respect to the lookup vectors and added, times lambda, into the touched rows of
+    g_rec's table gradient (index_add): the cd passes never write a dense table gradient.
+    (The table must then not be in the Gram set.)
 
     reduce (data parallelism): returns summed-over-ranks copies of a tensor list; the Gram
     matrices and the losses the solver sees are then the global ones, so every rank gets the
@@ -46,16 +95,13 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
     zero = torch.zeros(loss_cd.shape, device=loss_rec.device)
     ok = torch.ones(loss_cd.shape, dtype=torch.bool, device=loss_rec.device)
     if mode == "none":
-        return _materialise(torch.autograd.grad(loss_rec, params, allow_unused=True), params), \
-            zero, zero, ok
+        return gradients(loss_rec, params, reads), zero, zero, ok
     if not solve:
-        grads = torch.autograd.grad(loss_rec + (lam * loss_cd).sum(), params, allow_unused=True)
-        return _materialise(grads, params), lam, zero, ok
-    g_rec = _materialise(torch.autograd.grad(loss_rec, params, retain_graph=True,
-                                             allow_unused=True), params)
-    table = -1 if lookup is None else lookup[0]
+        return gradients(loss_rec + (lam * loss_cd).sum(), params, reads), lam, zero, ok
+    g_rec = gradients(loss_rec, params, reads, retain_graph=True)
+    table = -1 if reads is None else reads.index
     others = [i for i in range(len(params)) if i != table]
-    wrt = [params[i] for i in others] + ([] if lookup is None else [lookup[2]])
+    wrt = [params[i] for i in others] + ([] if reads is None else [reads.vectors])
     tasks = loss_cd.reshape(-1).unbind()
     g_cd, g_lookup = [], []  # per task: per-parameter gradients, the lookup's gradient
     for k, task in enumerate(tasks):
@@ -63,8 +109,8 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
         g_k = [None] * len(params)
         for i, g in zip(others, g_wrt):
             g_k[i] = g
-        g_cd.append(_materialise(g_k, params) if lookup is None else g_k)
-        g_lookup.append(None if lookup is None else g_wrt[-1])
+        g_cd.append(_materialise(g_k, params) if reads is None else g_k)
+        g_lookup.append(None if reads is None else g_wrt[-1])
     shared_cd = [[g_k[i] if g_k[i] is not None else torch.zeros_like(params[i])
                   for i in gram_index] for g_k in g_cd]
     shared_rec = [g_rec[i] for i in gram_index]
@@ -75,21 +121,19 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
         weighted = torch._foreach_mul([g_k[i] for i in dense], lam[k])
         for i, w in zip(dense, weighted):
             grads[i] = torch.where(ok[k], grads[i] + w, grads[i])
-    if lookup is not None and any(g is not None for g in g_lookup):
-        _, items, vectors = lookup
-        rows = 0.0
+    if reads is not None and any(g is not None for g in g_lookup):
+        items, rows = reads.items, 0.0
         for k, g in enumerate(g_lookup):
             if g is not None:
                 rows = rows + torch.where(ok[k], lam[k] * g, 0.0)
-        rows = torch.where((items != 0)[..., None], rows, 0.0)  # row 0 is padding (no gradient)
-        grads[table] = g_rec[table].index_add(0, items.reshape(-1),
-                                              rows.reshape(-1, vectors.shape[-1]).to(g_rec[table].dtype))
+        grads[table] = table_gradient(params[table], g_rec[table], rows, items)
     shape = loss_cd.shape
     return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
 
 
 def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, tasks, tasks_below,
-                                 hidden, block_input, head, mode, reduce=None, gate=False):
+                                 block_input, reads, head=(), mode="pareto", reduce=None,
+                                 gate=False):
     """(grads, lam, cosine, ok) as balanced_gradients, at about the cost of one backward
     pass: the Gram set params[gram_index] is the first norm and QKV of block l, the last
     layer whose mass enters L_cd, and the backward is cut at block l's input x_l.
@@ -101,11 +145,13 @@ def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, task
        mass is the only part of L_cd that reaches them).
     3. lambda_k from the Gram matrices (g_cd_k, g_rec) over the Gram set.
     4. One backward below x_l of d x_l(L_rec) + sum_k lambda_k d x_l(L_cd_k), together with
-       lambda_k times tasks_below (L_cd_k's terms of the layers under l, or None).
+       lambda_k times tasks_below (L_cd_k's terms of the layers under l, or None), down to
+       the parameters below and the item lookup.
 
-    hidden: the final hidden states L_rec reads; head: [(tensor, index)] the tensors the loss
-    head reads directly besides `hidden` (the item table's scoring rows, the item bias) and
-    the index in params of the parameter each is the leading rows of.
+    reads (TableReads): the item table's two reads; its gradient is the head's (step 1) plus
+    the lookup's rows (step 4), assembled by table_gradient. head: [(tensor, index)] what else
+    the loss head reads directly (the item bias) and the index in params of the parameter
+    each is the leading rows of.
 
     A non-finite L_cd_k cannot be left out of the backward below x_l (0 x NaN is NaN): the
     update is then non-finite and the caller's finite check skips the step, where the
@@ -113,9 +159,10 @@ def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, task
     """
     head_tensors = [t for t, _ in head]
     above = [params[i] for i in above_index]
-    first = torch.autograd.grad(loss_rec, [block_input, *head_tensors, *above],
+    first = torch.autograd.grad(loss_rec, [block_input, reads.head, *head_tensors, *above],
                                 retain_graph=True, allow_unused=True)
-    d_x_rec, d_head, g_above = first[0], first[1:1 + len(head)], first[1 + len(head):]
+    d_x_rec, d_table_head = first[0], first[1]
+    d_head, g_above = first[2:2 + len(head)], first[2 + len(head):]
     g_above = _materialise(g_above, above)
     where = {index: n for n, index in enumerate(above_index)}
     gram_params = [params[i] for i in gram_index]
@@ -138,21 +185,23 @@ def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, task
     for k, g in enumerate(d_x_cd):
         if g is not None:
             d_x = d_x + (weights[k] * g).to(d_x.dtype)
-    below_index = [i for i in range(len(params)) if i not in where]
+    below_index = [i for i in range(len(params)) if i not in where and i != reads.index]
     outputs, seeds = [block_input], [d_x]
     if tasks_below is not None:
         outputs += list(tasks_below.reshape(-1).unbind())
         seeds += list(weights.to(tasks_below.dtype).unbind())
-    g_below = torch.autograd.grad(outputs, [params[i] for i in below_index], seeds,
-                                  allow_unused=True)
+    g_below = torch.autograd.grad(outputs, [params[i] for i in below_index] + [reads.vectors],
+                                  seeds, allow_unused=True)
     for index, g in zip(below_index, g_below):
         grads[index] = g
+    grads[reads.index] = table_gradient(params[reads.index], d_table_head, g_below[-1],
+                                        reads.items)
     grads = _materialise(grads, params)
     for (tensor, index), g in zip(head, d_head):
         if g is not None:  # the head reads the leading rows of its parameter
             rows = params[index].shape[0] - g.shape[0]
-            grads[index] = grads[index] + (F.pad(g, (0, 0) * (g.dim() - 1) + (0, rows))
-                                           if rows else g)
+            g = torch.cat([g, g.new_zeros((rows, *g.shape[1:]))]) if rows else g
+            grads[index] = grads[index] + g
     shape = tasks.shape
     return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .balancing import balanced_gradients, one_layer_balanced_gradients
+from .balancing import TableReads, balanced_gradients, one_layer_balanced_gradients
 from .graph_step import CapturedStep
 from .optim import adamw_update, clip_scale
 from .losses import recommendation_loss
@@ -45,9 +45,8 @@ class Forward(NamedTuple):
     loss_rec: torch.Tensor       # 0-d float32
     loss_cd: torch.Tensor        # 0-d: the global L_cd (logged)
     tasks: torch.Tensor          # what is balanced: L_cd, or [num_domains] L_cd_d
-    item_vectors: torch.Tensor   # the item-table lookup of the batch [B, L, H]
-    hidden: torch.Tensor         # the final hidden states the loss head reads
-    head: list                   # [(tensor, param index)] the head reads besides `hidden`
+    reads: TableReads            # the item table's two reads: the lookup, the head's rows
+    head: list                   # [(tensor, param index)] what else the head reads (the bias)
     block_input: torch.Tensor = None  # last_layer: the input of the last mass layer's block
     tasks_below: torch.Tensor = None  # last_layer: the tasks' terms of the layers below it
 
@@ -168,7 +167,8 @@ class TrainStep:
             loss_rec = recommendation_loss(self.loss, hidden, weights, batch["targets"],
                                            batch["target_slots"], batch["target_weight"],
                                            **self.loss_kwargs, denominator=rec_count, bias=bias)
-        head = [(weights, self.table_index)] + ([] if bias is None else [(bias, self.bias_index)])
+        reads = TableReads(self.table_index, batch["items"], item_vectors, weights)
+        head = [] if bias is None else [(bias, self.bias_index)]
         def balanced(layers):  # what the solver balances, over these layers' masses
             chosen = model.objective_masses(masses, layers)  # float32
             if self.num_tasks:
@@ -184,7 +184,7 @@ class TrainStep:
             block_input, below = block_inputs[self.layers[-1]], self.layers[:-1]
             # L_cd is a mean over its layers: the lower layers' share of it
             tasks_below = balanced(below) * (len(below) / len(self.layers)) if below else None
-        return Forward(loss_rec.float(), loss_cd, tasks, item_vectors, hidden, head,
+        return Forward(loss_rec.float(), loss_cd, tasks, reads, head,
                        block_input, tasks_below)
 
     def gradients(self, batch, lam, solve):
@@ -195,14 +195,13 @@ class TrainStep:
         if solve and self.one_layer and self.mode != "none":
             grads, lam, cosine, ok = one_layer_balanced_gradients(
                 self.params, self.gram_index, self.above_index, fwd.loss_rec, fwd.tasks,
-                fwd.tasks_below, fwd.hidden, fwd.block_input, fwd.head, self.mode, reduce,
+                fwd.tasks_below, fwd.block_input, fwd.reads, fwd.head, self.mode, reduce,
                 self.gate)
-        else:
-            lookup = None if self.table_in_gram else (self.table_index, batch["items"],
-                                                      fwd.item_vectors)
+        else:  # the table in the Gram set (shared=all): its gradient as any parameter's
+            reads = None if self.table_in_gram else fwd.reads
             grads, lam, cosine, ok = balanced_gradients(
                 self.params, self.gram_index, fwd.loss_rec, fwd.tasks, self.mode, lam, solve,
-                lookup, reduce, self.gate)
+                reads, reduce, self.gate)
         loss_rec, loss_cd = fwd.loss_rec.detach(), fwd.loss_cd.detach()
         if distributed:  # every gradient once, the two logged losses riding along
             losses = torch.stack([loss_rec, loss_cd])

@@ -131,18 +131,26 @@ def test_eager_step_skips_a_non_finite_step_exactly():
 
 
 @pytest.mark.parametrize("arch", ["sasrec", "bert4rec"])
-def test_cd_pass_through_the_lookup_equals_the_dense_table_gradient(arch):
-    """g_cd taken at the [B, L, H] lookup and index-added into the table rows gives the same
-    combined gradient as the dense table gradient of a full second pass."""
-    model, batch = _setup(arch, "autocdsr", 0)
+@pytest.mark.parametrize("objective, solve", [("base", False), ("autocdsr", False),
+                                              ("autocdsr", True)])
+def test_table_gradient_from_its_two_reads_equals_autograds_dense_one(arch, objective, solve):
+    """The item table's gradient assembled from the head's rows and the lookup (index_add;
+    g_cd at the [B, L, H] lookup) equals autograd's dense table gradient, for the base step,
+    a step reusing lambda and a solver step (then lambda must agree too); with an item bias,
+    and for BERT4Rec, whose head reads all rows but the mask token's."""
+    model, batch = _setup(arch, objective, 0)
+    model.item_bias = torch.nn.Parameter(torch.randn(model.num_items + 1) * 0.1)
     step = TrainStep(model, make_optimizer(model, TrainConfig(), fused=False),
-                     objective="autocdsr")
+                     objective=objective)
     assert not step.table_in_gram
-    sparse, _, _, out_sparse = step.gradients(batch, step.lam, True)
-    step.table_in_gram = True  # force the dense path (same Gram set: lambda must agree)
-    dense, _, _, out_dense = step.gradients(batch, step.lam, True)
-    assert out_sparse["lam"].item() != 0.0
-    assert torch.allclose(out_sparse["lam"], out_dense["lam"], atol=1e-6)
+    lam = torch.tensor(0.3)
+    sparse, _, _, out_sparse = step.gradients(batch, lam, solve)
+    step.table_in_gram = True  # autograd's dense table gradient (same Gram set otherwise)
+    dense, _, _, out_dense = step.gradients(batch, lam, solve)
+    if solve:
+        assert out_sparse["lam"].item() != 0.0
+        assert torch.allclose(out_sparse["lam"], out_dense["lam"], atol=1e-6)
+    assert sparse[step.table_index].abs().sum() > 0
     for a, b in zip(sparse, dense):
         assert torch.allclose(a, b, atol=1e-6)
 

@@ -22,8 +22,10 @@ Tensor = torch.Tensor
 
 
 def unpack_qkv(qkv):
-    """[B, L, 3, H, D] -> q, k, v as [B, H, L, D] views (no copy)."""
-    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    """[B, L, 3, H, D] -> q, k, v as [B, H, L, D] views (no copy). unbind, not three
+    index views: its backward stacks the three gradients into one new tensor, where each
+    index view's backward would zero-fill a whole [B, L, 3, H, D] tensor of its own."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
 
 def _new_qkv_gradients(q, k, v):
