@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from bench import bench_attention, bench_solver, bench_train
+from bench import bench_attention, bench_solver, bench_train, mass_only_backward_cpu
 
 
 def test_attention_suite_on_cpu():
@@ -114,3 +114,18 @@ def test_tile_sweep_reports_a_candidate_that_computes_something_else(monkeypatch
                             heads=1, candidates={"forward": [{}, {"BLOCK_M": 16}]},
                             log=lambda _: None)
     assert rows[0]["error"] is None and "differs from the rule" in rows[1]["error"]
+
+
+def test_mass_only_backward_equals_the_fused_backwards_dq_dk():
+    """The mass-only backward (the CPU candidate the benchmark times) gives the fused CPU
+    SDPA backward's dQ and dK for a gradient on the mass columns alone, whose dV reads
+    nothing but the mass columns' indicator rows."""
+    case = mass_only_backward_cpu.make_case(2, 2, 24, 8)
+    fused = mass_only_backward_cpu.FLASH_BACKWARD(
+        case["grad_out"], case["q"], case["k"], case["v_aug"], case["out"], case["lse"], 0.0,
+        False, attn_mask=case["mask"], scale=case["scale"])
+    mass_only = mass_only_backward_cpu.mass_only_backward(case, elements=24 * 24)  # 1-row chunks
+    for a, b in zip(fused[:2], mass_only):
+        assert a.abs().max() > 1e-3 and torch.allclose(a, b, atol=1e-5)
+    # dV of a gradient that only the mass columns carry: zero in the value columns
+    assert torch.all(fused[2][..., :8] == 0)
