@@ -17,9 +17,12 @@ from omegaconf import OmegaConf
 from .config import Config
 
 DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam",
-                    "weighting.layers", "weighting.per_domain", "weighting.gate")
-# weighting variants left out of a group's label where they have their default (off)
-VARIANT_KEYS = ("weighting.layers", "weighting.per_domain", "weighting.gate")
+                    "weighting.layers", "weighting.per_domain", "weighting.gate",
+                    "weighting.shared")
+# weighting variants left out of a group's label where they have their default (the official
+# step's: every layer, one L_cd, no gate, the `reached` Gram set)
+VARIANT_KEYS = {"weighting.layers": [], "weighting.per_domain": False, "weighting.gate": False,
+                "weighting.shared": "reached"}
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
                 "data.synthetic_spurious", "data.synthetic_mode", "data.domains", "data.target_domains",
@@ -49,9 +52,10 @@ def _value(cfg, key):
         return "-"  # lam only means something for fixed weighting
     if key == "weighting.mode" and cfg.objective == "base":
         return "-"
-    if key in VARIANT_KEYS and (cfg.objective == "base" or not value):
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if key in VARIANT_KEYS and (cfg.objective == "base" or value == VARIANT_KEYS[key]):
         return "-"
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return value
 
 
 def group_runs(runs, group_by):

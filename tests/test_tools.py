@@ -60,6 +60,18 @@ def test_compare_table_with_paired_test(runs, tmp_path):
     assert (tmp_path / "compare.csv").read_text().startswith("group,seeds,column")
 
 
+def test_compare_tells_the_gram_sets_apart(runs, tmp_path):
+    """A run that differs from the official step only in weighting.shared gets its own group
+    (labelled by it), and the official step's label stays as it was."""
+    last = tmp_path / "last"
+    train(load_config(None, TINY + ["objective=autocdsr", "weighting.shared=last_layer",
+                                    f"run_dir={last}"]))
+    _, rows = compare([str(runs["base", 0]), str(runs["autocdsr", 0]), str(last)])
+    groups = sorted(r["group"] for r in rows)
+    assert len(groups) == 3 and sum("shared=last_layer" in g for g in groups) == 1
+    assert not any("shared=reached" in g for g in groups)
+
+
 def test_compare_refuses_mixed_protocols(runs, tmp_path):
     other = tmp_path / "full"
     train(load_config(None, TINY + ["eval.protocol=full", f"run_dir={other}"]))
