@@ -76,6 +76,34 @@ def test_sdpa_equals_reference_in_value_and_gradient(causal, nb):
         assert torch.allclose(x.double(), y.double(), atol=1e-6 if name == "mass" else 1e-9), name
 
 
+@pytest.mark.parametrize("causal,nb", [(True, 0), (False, 3)])
+def test_sdpa_equals_reference_in_float32(causal, nb):
+    """float32, where the CPU's fused SDPA kernel runs (q and k zero-padded to v's width)."""
+    inputs = make_inputs(4, 3, 23, 32, torch.float32, "cpu")
+    a = with_grads(reference_attention, *inputs, causal=causal, num_bottleneck=nb)
+    b = with_grads(sdpa_attention, *inputs, causal=causal, num_bottleneck=nb)
+    for name, x, y in zip(("out", "mass", "dq", "dk", "dv"), a, b):
+        assert torch.allclose(x, y, atol=1e-5), name
+
+
+def test_reference_backward_of_the_mass_alone_never_reaches_v():
+    """A loss of the mass alone: the reference's backward is mass-only by construction (the
+    P V product is not on the path, so dV is not computed), with sdpa's dQ and dK."""
+    q, k, v, domains, seq_lens = make_inputs(3, 2, 17, 16, torch.float64, "cpu", seed=4)
+    grads = {}
+    for name, fn in (("reference", reference_attention), ("sdpa", sdpa_attention)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        mass = fn(*leaves, domains, causal=True, seq_lens=seq_lens)[1]
+        grads[name] = torch.autograd.grad((mass * torch.arange(17.0)).sum(), leaves,
+                                          allow_unused=True)
+    dq, dk, dv = grads["reference"]
+    assert dv is None
+    assert dq.abs().max() > 1e-3
+    assert torch.allclose(dq, grads["sdpa"][0], atol=1e-6)
+    assert torch.allclose(dk, grads["sdpa"][1], atol=1e-6)
+    assert grads["sdpa"][2] is not None and grads["sdpa"][2].abs().max() < 1e-12
+
+
 def test_reference_gradcheck_through_mass():
     q, k, v, domains, seq_lens = make_inputs(2, 1, 5, 16, torch.float64, "cpu", seed=3)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
