@@ -11,9 +11,9 @@ of parameters:
   backward below block l carries L_rec + sum_k lambda_k L_cd_k. The cost over a base step is
   one attention backward of block l; no second full backward, no repeated loss-head backward.
 """
-import torch
-
 from typing import NamedTuple
+
+import torch
 
 from kernels.pareto import gradient_cosine, gram_matrix, pareto_lambda
 

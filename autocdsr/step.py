@@ -197,7 +197,7 @@ class TrainStep:
                 self.params, self.gram_index, self.above_index, fwd.loss_rec, fwd.tasks,
                 fwd.tasks_below, fwd.block_input, fwd.reads, fwd.head, self.mode, reduce,
                 self.gate)
-        else:  # the table in the Gram set (shared=all): its gradient as any parameter's
+        else:  # a table in the Gram set (shared=all) gets its gradient as any parameter
             reads = None if self.table_in_gram else fwd.reads
             grads, lam, cosine, ok = balanced_gradients(
                 self.params, self.gram_index, fwd.loss_rec, fwd.tasks, self.mode, lam, solve,
