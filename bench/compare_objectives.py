@@ -53,6 +53,7 @@ VARIANTS = {
     "bert4rec/mgda": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=mgda"],
     "bert4rec/layers0": ["model.arch=bert4rec", "objective=autocdsr", "weighting.layers=[0]"],
     "bert4rec/gate": ["model.arch=bert4rec", "objective=autocdsr", "weighting.gate=true"],
+    "bert4rec/per_domain": ["model.arch=bert4rec", "objective=autocdsr", "weighting.per_domain=true"],
     "bert4rec/per_domain_gate": ["model.arch=bert4rec", "objective=autocdsr",
                                  "weighting.per_domain=true", "weighting.gate=true"],
     "bert4rec/autocdsr_last_layer": ["model.arch=bert4rec", "objective=autocdsr", "weighting.shared=last_layer"],
