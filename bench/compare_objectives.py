@@ -10,6 +10,13 @@ attention-mass matrices before/after (autocdsr analyze) and the lambda / cosine 
     python -m bench.compare_objectives --out DIR --variants bert4rec/base bert4rec/autocdsr \\
         --set data.path=PATH/TO/kuairand1k data.split=files train.loss=inbatch_official \\
               eval.protocol=uni100_vocab
+    python -m bench.compare_objectives --out DIR --config configs/amazon-food-kitchen/bert4rec.yaml \\
+        --variants bert4rec/base bert4rec/autocdsr bert4rec/autocdsr_plus --negative-draws 10 \\
+        --set data.path=PATH/TO/amazon-food-kitchen
+
+--config FILE starts every run from a recipe (its budget replaces the study's 30 epochs);
+--negative-draws N re-scores each best checkpoint over N draws of a sampled protocol's
+negatives and reports that table (the numbers to quote) beside the trained one.
 
 A run directory that already has metrics.json is reused, not retrained, so the study can be
 stopped and restarted, and seeds added later.
@@ -67,31 +74,43 @@ def run_dir_of(out, name, seed):
     return os.path.join(out, "runs", name.replace("/", "_"), f"seed{seed}")
 
 
-def _train_once(run_dir, overrides, seed):
-    """Train the study run with these overrides into run_dir, unless it has finished already."""
+def study_overrides(recipe, settings):
+    """What every run starts from: the study's budget, or a recipe's (config file) own."""
+    return (settings if recipe else STUDY_DEFAULTS + settings)
+
+
+def _train_once(run_dir, overrides, seed, recipe=None):
+    """Train the study run with these overrides (on top of the recipe file, if any) into
+    run_dir, unless it has finished already."""
     if not os.path.exists(os.path.join(run_dir, "metrics.json")):
-        train(load_config(None, STUDY_DEFAULTS + overrides +
+        train(load_config(recipe, study_overrides(recipe, overrides) +
                           [f"train.seed={seed}", f"run_dir={run_dir}"]))
     return run_dir
 
 
-def run_variant(out, name, seed, settings):
-    return _train_once(run_dir_of(out, name, seed), VARIANTS[name] + settings, seed)
+def run_variant(out, name, seed, settings, recipe=None):
+    return _train_once(run_dir_of(out, name, seed), VARIANTS[name] + settings, seed, recipe)
 
 
-def run_single_domain(out, arch, domain, seed, settings):
+def run_single_domain(out, arch, domain, seed, settings, recipe=None):
     """The single-domain base of `arch` on `domain`, scored on the cross-domain run's targets."""
     return _train_once(run_dir_of(out, f"{arch}/single{domain}", seed),
                        [f"model.arch={arch}", "objective=base"] + settings +
-                       [f"data.domains=[{domain}]", "data.shared_targets=true"], seed)
+                       [f"data.domains=[{domain}]", "data.shared_targets=true"], seed, recipe)
 
 
-def reevaluate_run(run_dir, protocol, out_dir):
-    """best.pt of a finished run evaluated under another protocol, written as a run folder
-    that autocdsr compare reads. Reused when it exists."""
+def reevaluate_run(run_dir, overrides, out_dir):
+    """best.pt of a finished run evaluated again with these eval overrides (another protocol,
+    more negative draws), written as a run folder that autocdsr compare reads. Reused when it
+    exists."""
     if not os.path.exists(os.path.join(out_dir, "metrics.json")):
-        reevaluate(os.path.join(run_dir, "best.pt"), [f"eval.protocol={protocol}"], out_dir)
+        reevaluate(os.path.join(run_dir, "best.pt"), overrides, out_dir)
     return out_dir
+
+
+def sibling_dir(run_dir, tag):
+    """OUT/runs/NAME/seedS -> OUT/runs_TAG/NAME/seedS: where a re-evaluation of it goes."""
+    return run_dir.replace(os.sep + "runs" + os.sep, f"{os.sep}runs_{tag}{os.sep}")
 
 
 def mean_trajectory(run_dirs):
@@ -122,6 +141,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], help="key=value for every run")
+    parser.add_argument("--config", help="a recipe (config file) every run starts from; its "
+                        "budget replaces the study's default (30 epochs, patience 6)")
+    parser.add_argument("--negative-draws", type=int, metavar="N",
+                        help="re-score every best.pt over N draws of the sampled protocol's "
+                             "negatives and add that table (the numbers to quote)")
     parser.add_argument("--no-analysis", action="store_true")
     parser.add_argument("--single-domains", type=int, nargs="*", default=[], metavar="D",
                         help="also train a base on each domain D alone (same targets) and report "
@@ -136,14 +160,15 @@ def main(argv=None):
     singles = {}  # arch -> {domain: [run dirs]}
     for seed in args.seeds:  # seed-major: a partial study already has every variant
         for name in args.variants:
-            runs[name].append(run_variant(args.out, name, seed, args.set))
+            runs[name].append(run_variant(args.out, name, seed, args.set, args.config))
         for arch in ("sasrec", "bert4rec"):
             if f"{arch}/base" in runs:
                 for domain in args.single_domains:
                     singles.setdefault(arch, {}).setdefault(domain, []).append(
-                        run_single_domain(args.out, arch, domain, seed, args.set))
-    settings = STUDY_DEFAULTS + args.set
-    report = [f"Settings for every run: {' '.join(settings)}; seeds {args.seeds}.", ""]
+                        run_single_domain(args.out, arch, domain, seed, args.set, args.config))
+    settings = study_overrides(args.config, args.set)
+    start = f"the recipe {args.config}, then " if args.config else "the driver's defaults, then "
+    report = [f"Settings for every run: {start}{' '.join(settings)}; seeds {args.seeds}.", ""]
     for arch in ("sasrec", "bert4rec"):
         names = [n for n in args.variants if n.startswith(arch + "/")]
         if not names:
@@ -154,10 +179,16 @@ def main(argv=None):
         if arch in singles:
             text, _ = transfer_table(runs[f"{arch}/base"], singles[arch])
             report += [f"## {arch}: transfer per domain (single- vs cross-domain base)", "", text, ""]
+        if args.negative_draws:
+            tag = f"draws{args.negative_draws}"
+            again = [reevaluate_run(d, [f"eval.negative_draws={args.negative_draws}"],
+                                    sibling_dir(d, tag)) for d in dirs]
+            text, _ = compare(again, out=os.path.join(args.out, f"{arch}_{tag}"))
+            report += [f"## {arch}, the same checkpoints over {args.negative_draws} negative "
+                       "draws", "", text, ""]
         if args.also_protocol:
-            again = [reevaluate_run(d, args.also_protocol, d.replace(os.sep + "runs" + os.sep,
-                                                                 f"{os.sep}runs_{args.also_protocol}{os.sep}"))
-                     for d in dirs]
+            again = [reevaluate_run(d, [f"eval.protocol={args.also_protocol}"],
+                                    sibling_dir(d, args.also_protocol)) for d in dirs]
             text, _ = compare(again, out=os.path.join(args.out, f"{arch}_{args.also_protocol}"))
             report += [f"## {arch}, the same checkpoints under {args.also_protocol}", "", text, ""]
         plot_trajectory([(n, mean_trajectory(runs[n])) for n in names],

@@ -129,3 +129,28 @@ def test_mass_only_backward_equals_the_fused_backwards_dq_dk():
         assert a.abs().max() > 1e-3 and torch.allclose(a, b, atol=1e-5)
     # dV of a gradient that only the mass columns carry: zero in the value columns
     assert torch.all(fused[2][..., :8] == 0)
+
+
+def test_objective_study_starts_from_a_recipe_and_rescores_over_negative_draws(tmp_path):
+    """--config: the recipe's budget is kept (not the study's 30 epochs); --negative-draws:
+    every best checkpoint is scored again over N draws and that table is reported."""
+    import json
+    import yaml
+    from bench import compare_objectives
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "data": {"synthetic_users": 40}, "model": {"hidden": 16, "heads": 1, "layers": 1},
+        "train": {"epochs": 2, "patience": 2, "device": "cpu"},
+        "eval": {"protocol": "uni100_vocab"}}))
+    out = tmp_path / "study"
+    compare_objectives.main(["--out", str(out), "--config", str(recipe), "--seeds", "0",
+                             "--variants", "sasrec/base", "sasrec/autocdsr", "--no-analysis",
+                             "--negative-draws", "3"])
+    run = out / "runs" / "sasrec_autocdsr" / "seed0"
+    trained = json.loads((run / "metrics.json").read_text())
+    assert len(trained["history"]) == 2 and trained.get("negative_draws", 1) == 1
+    rescored = json.loads((out / "runs_draws3" / "sasrec_autocdsr" / "seed0" / "metrics.json").read_text())
+    assert rescored["negative_draws"] == 3
+    summary = (out / "summary.md").read_text()
+    assert "over 3 negative draws" in summary and f"the recipe {recipe}" in summary
+    assert (out / "sasrec_draws3" / "compare.md").exists()
