@@ -60,6 +60,9 @@ VARIANTS = {
     "bert4rec/mgda": ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=mgda"],
     "bert4rec/layers0": ["model.arch=bert4rec", "objective=autocdsr", "weighting.layers=[0]"],
     "bert4rec/gate": ["model.arch=bert4rec", "objective=autocdsr", "weighting.gate=true"],
+    # AutoCDSR+'s topology (bottleneck tokens, domain-isolated first layers) without its
+    # penalty: tells a gain of the topology from a gain of the balancing
+    "bert4rec/plus_topology": ["model.arch=bert4rec", "objective=autocdsr_plus", "weighting.mode=none"],
     "bert4rec/per_domain": ["model.arch=bert4rec", "objective=autocdsr", "weighting.per_domain=true"],
     "bert4rec/per_domain_gate": ["model.arch=bert4rec", "objective=autocdsr",
                                  "weighting.per_domain=true", "weighting.gate=true"],
