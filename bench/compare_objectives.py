@@ -79,7 +79,7 @@ def run_dir_of(out, name, seed):
 
 def study_overrides(recipe, settings):
     """What every run starts from: the study's budget, or a recipe's (config file) own."""
-    return (settings if recipe else STUDY_DEFAULTS + settings)
+    return settings if recipe else STUDY_DEFAULTS + settings
 
 
 def _train_once(run_dir, overrides, seed, recipe=None):
@@ -114,6 +114,14 @@ def reevaluate_run(run_dir, overrides, out_dir):
 def sibling_dir(run_dir, tag):
     """OUT/runs/NAME/seedS -> OUT/runs_TAG/NAME/seedS: where a re-evaluation of it goes."""
     return run_dir.replace(os.sep + "runs" + os.sep, f"{os.sep}runs_{tag}{os.sep}")
+
+
+def rescored_section(dirs, overrides, out, tag, title):
+    """Every run's best.pt scored again with `overrides` into OUT/runs_TAG, compared into
+    OUT/ARCH_TAG; returns the report lines."""
+    again = [reevaluate_run(d, overrides, sibling_dir(d, tag)) for d in dirs]
+    text, _ = compare(again, out=out)
+    return [title, "", text, ""]
 
 
 def mean_trajectory(run_dirs):
@@ -184,16 +192,15 @@ def main(argv=None):
             report += [f"## {arch}: transfer per domain (single- vs cross-domain base)", "", text, ""]
         if args.negative_draws:
             tag = f"draws{args.negative_draws}"
-            again = [reevaluate_run(d, [f"eval.negative_draws={args.negative_draws}"],
-                                    sibling_dir(d, tag)) for d in dirs]
-            text, _ = compare(again, out=os.path.join(args.out, f"{arch}_{tag}"))
-            report += [f"## {arch}, the same checkpoints over {args.negative_draws} negative "
-                       "draws", "", text, ""]
+            report += rescored_section(
+                dirs, [f"eval.negative_draws={args.negative_draws}"],
+                os.path.join(args.out, f"{arch}_{tag}"), tag,
+                f"## {arch}, the same checkpoints over {args.negative_draws} negative draws")
         if args.also_protocol:
-            again = [reevaluate_run(d, [f"eval.protocol={args.also_protocol}"],
-                                    sibling_dir(d, args.also_protocol)) for d in dirs]
-            text, _ = compare(again, out=os.path.join(args.out, f"{arch}_{args.also_protocol}"))
-            report += [f"## {arch}, the same checkpoints under {args.also_protocol}", "", text, ""]
+            report += rescored_section(
+                dirs, [f"eval.protocol={args.also_protocol}"],
+                os.path.join(args.out, f"{arch}_{args.also_protocol}"), args.also_protocol,
+                f"## {arch}, the same checkpoints under {args.also_protocol}")
         plot_trajectory([(n, mean_trajectory(runs[n])) for n in names],
                         os.path.join(args.out, f"{arch}_trajectory.png"))
         base = f"{arch}/base"
