@@ -57,7 +57,8 @@ def _title(run_dir):
         weighting = OmegaConf.load(os.path.join(run_dir, "config.yaml")).get("weighting", {})
         parts = [f"layers={list(weighting.get('layers'))}" if weighting.get("layers") else "",
                  "per_domain" if weighting.get("per_domain") else "",
-                 "gate" if weighting.get("gate") else ""]
+                 "gate" if weighting.get("gate") else "",
+                 "held_out" if weighting.get("held_out") else ""]
         variants = " ".join(p for p in parts if p)
         variants = f" {variants}" if variants else ""
     return f"{m['arch']} {m['objective']}{mode}{variants} (seed {m['seed']})"

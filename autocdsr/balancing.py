@@ -10,6 +10,9 @@ of parameters:
   L_cd_k reaches the Gram set through block l's attention alone, lambda is solved, and the
   backward below block l carries L_rec + sum_k lambda_k L_cd_k. The cost over a base step is
   one attention backward of block l; no second full backward, no repeated loss-head backward.
+
+Either way the lambdas may be gated: by the training batch's own cosine (gate), or by the
+running cosine with L_rec's gradient on held-out data (HeldOut, weighting.held_out).
 """
 from typing import NamedTuple
 
@@ -29,6 +32,16 @@ class TableReads(NamedTuple):
     items: torch.Tensor
     vectors: torch.Tensor
     head: torch.Tensor
+
+
+class HeldOut(NamedTuple):
+    """The held-out gate's inputs (weighting.held_out): L_rec's gradient on a held-out batch
+    over the Gram set, and the running mean [K] of its cosine with each g_cd_k so far."""
+    shared: list
+    running: torch.Tensor
+
+
+HELD_OUT_DECAY = 0.9  # the running cosine's memory: about the last ten solver steps
 
 
 def table_gradient(table, head_grad, lookup_grad, items):
@@ -67,7 +80,7 @@ def gradients(output, params, reads=None, retain_graph=False):
 
 
 def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, reads=None,
-                       reduce=None, gate=False):
+                       reduce=None, gate=False, held_out=None):
     """(grads, lam, cosine, ok): the update direction of every parameter.
 
     loss_cd is a 0-d L_cd (the official step: one lambda), or a [K] vector of cross-domain
@@ -80,7 +93,7 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
     the update g_rec + sum_k lambda_k g_cd_k, leaving out each k whose solver fell back (so a
     NaN in g_cd_k never reaches the update). gate=True: lambda_k = 0 where the two gradients
     conflict (cosine < 0), i.e. the penalty acts only where lowering L_cd_k does not raise
-    L_rec to first order.
+    L_rec to first order. held_out (HeldOut): the held-out gate of solve_lambdas.
 
     reads (TableReads; None: the table as any parameter): L_rec's table gradient through
     table_gradient; L_cd reaches the table only through the lookup, so its gradient is taken
@@ -114,7 +127,8 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
     shared_cd = [[g_k[i] if g_k[i] is not None else torch.zeros_like(params[i])
                   for i in gram_index] for g_k in g_cd]
     shared_rec = [g_rec[i] for i in gram_index]
-    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce, gate)
+    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce, gate,
+                                    held_out)
     grads = list(g_rec)
     for k, g_k in enumerate(g_cd):
         dense = [i for i in range(len(params)) if g_k[i] is not None]
@@ -133,7 +147,7 @@ def balanced_gradients(params, gram_index, loss_rec, loss_cd, mode, lam, solve, 
 
 def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, tasks, tasks_below,
                                  block_input, reads, head=(), mode="pareto", reduce=None,
-                                 gate=False):
+                                 gate=False, held_out=None):
     """(grads, lam, cosine, ok) as balanced_gradients, at about the cost of one backward
     pass: the Gram set params[gram_index] is the first norm and QKV of block l, the last
     layer whose mass enters L_cd, and the backward is cut at block l's input x_l.
@@ -173,7 +187,8 @@ def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, task
                                    allow_unused=True)
         shared_cd.append(_materialise(part[:-1], gram_params))
         d_x_cd.append(part[-1])
-    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, tasks, loss_rec, mode, reduce, gate)
+    lam, cosine, ok = solve_lambdas(shared_cd, shared_rec, tasks, loss_rec, mode, reduce, gate,
+                                    held_out)
     weights = torch.where(ok, lam, 0.0)
     grads = [None] * len(params)
     for n, index in enumerate(above_index):
@@ -206,23 +221,37 @@ def one_layer_balanced_gradients(params, gram_index, above_index, loss_rec, task
     return grads, lam.reshape(shape), cosine.reshape(shape), ok.reshape(shape)
 
 
-def solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce=None, gate=False):
+def solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce=None, gate=False,
+                  held_out=None):
     """(lam, cosine, ok), each [K]: the K two-task problems (L_cd_k, L_rec) solved on the Gram
     set. shared_cd: K lists of per-parameter gradients over the Gram set, shared_rec: one.
     reduce (data parallelism): the Gram parts and the losses are summed over the ranks in one
     flat all-reduce first, so every rank solves the same global problems. gate: lambda_k = 0
-    where the two gradients conflict (cosine < 0)."""
+    where the two gradients conflict (cosine < 0).
+
+    held_out (HeldOut): the held-out gate. Descending lambda_k g_cd_k changes the held-out
+    L_rec by -lr lambda_k <g_cd_k, g_held> to first order: the penalty helps held-out data
+    where that inner product is positive. The cosine is noisy batch to batch, so its running
+    mean (decay HELD_OUT_DECAY) decides: lambda_k = 0 while it is < 0. The returned cosine is
+    then that running mean (the caller's next `running`)."""
     losses = torch.cat([loss_cd.detach().float().reshape(-1), loss_rec.detach().float()[None]])
+    held = [] if held_out is None else list(held_out.shared)
     if reduce is not None:
         n, tasks = len(shared_rec), len(shared_cd)
-        summed = reduce([g for part in shared_cd for g in part] + shared_rec + [losses])
+        summed = reduce([g for part in shared_cd for g in part] + shared_rec + held + [losses])
         shared_cd = [summed[k * n:(k + 1) * n] for k in range(tasks)]
-        shared_rec, losses = summed[tasks * n:-1], summed[-1]
+        shared_rec, held, losses = (summed[tasks * n:(tasks + 1) * n],
+                                    summed[(tasks + 1) * n:-1], summed[-1])
     gram, pair_losses = _pair_problems(gram_matrix(shared_cd + [shared_rec]), losses)
     lam, ok = pareto_lambda(gram, pair_losses, mode)
     cosine = gradient_cosine(gram).float()
     if gate:
         lam = torch.where(cosine >= 0, lam, 0.0)
+    if held_out is not None:
+        held_gram, _ = _pair_problems(gram_matrix(shared_cd + [held]), losses)
+        running = HELD_OUT_DECAY * held_out.running.reshape(-1).float() + \
+            (1 - HELD_OUT_DECAY) * gradient_cosine(held_gram).float()
+        lam, cosine = torch.where(running >= 0, lam, 0.0), running
     return lam, cosine, ok
 
 

@@ -18,11 +18,11 @@ from .config import Config
 
 DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam",
                     "weighting.layers", "weighting.per_domain", "weighting.gate",
-                    "weighting.shared")
+                    "weighting.held_out", "weighting.shared")
 # weighting variants left out of a group's label where they have their default (the official
 # step's: every layer, one L_cd, no gate, the `reached` Gram set)
 VARIANT_KEYS = {"weighting.layers": [], "weighting.per_domain": False, "weighting.gate": False,
-                "weighting.shared": "reached"}
+                "weighting.held_out": False, "weighting.shared": "reached"}
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
                 "data.synthetic_spurious", "data.synthetic_mode", "data.domains", "data.target_domains",

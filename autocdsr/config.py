@@ -61,6 +61,8 @@ class WeightingConfig:
     layers: List[int] = opt(list, "layers whose mass enters L_cd; [] = all", factory=True)
     per_domain: bool = opt(False, "one L_cd and one lambda per query domain")
     gate: bool = opt(False, "lambda = 0 on steps where the two gradients conflict (cos < 0)")
+    held_out: bool = opt(False, "gate on held-out data: lambda = 0 while the running cosine "
+                                "between g_cd and a validation batch's L_rec gradient is < 0")
     log_every: int = opt(50, "steps between device->host copies of lambda / cosine")
 
 
@@ -285,11 +287,14 @@ def check_config(cfg):
         raise ConfigError("model.bottleneck_tokens > 0 needs model.arch=bert4rec (a causal encoder "
                           "with bottleneck tokens leaks future items)")
     weighting = cfg.weighting
-    if (weighting.per_domain or weighting.gate) and (cfg.objective == "base"
-                                                    or weighting.mode not in ("pareto", "mgda")):
-        raise ConfigError("weighting.per_domain and weighting.gate act on the solver's lambda: "
-                          "they need objective=autocdsr or autocdsr_plus with weighting.mode="
-                          "pareto or mgda")
+    if (weighting.per_domain or weighting.gate or weighting.held_out) and (
+            cfg.objective == "base" or weighting.mode not in ("pareto", "mgda")):
+        raise ConfigError("weighting.per_domain, weighting.gate and weighting.held_out act on "
+                          "the solver's lambda: they need objective=autocdsr or autocdsr_plus "
+                          "with weighting.mode=pareto or mgda")
+    if weighting.gate and weighting.held_out:
+        raise ConfigError("weighting.gate (the training batch's cosine) and weighting.held_out "
+                          "(a validation batch's) are two gates: choose one")
     bad_layers = [i for i in weighting.layers if not 0 <= i < cfg.model.layers]
     if bad_layers:
         raise ConfigError(f"weighting.layers {bad_layers}: layer indices run from 0 to "

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-from .balancing import TableReads, balanced_gradients, one_layer_balanced_gradients
+from .balancing import HeldOut, TableReads, balanced_gradients, one_layer_balanced_gradients
+from .data.batches import HELD_OUT_PREFIX
 from .graph_step import CapturedStep
 from .optim import adamw_update, clip_scale
 from .losses import recommendation_loss
@@ -67,13 +68,16 @@ class TrainStep:
 
     The weighting variants beyond the paper: layers (the layers whose mass enters L_cd, and
     so the Gram set; empty = all of the model's mass layers), per_domain (one lambda per query
-    domain), gate (no penalty where the gradients conflict); see balanced_gradients.
+    domain), gate (no penalty where the gradients conflict), held_out (no penalty while the
+    running cosine with a held-out batch's L_rec gradient is negative: each batch then carries
+    a held-out batch under HELD_OUT_PREFIX keys, autocdsr.data.batches.held_out_batch, and
+    `cosine` is that running cosine); see balanced_gradients and solve_lambdas.
     """
 
     def __init__(self, model, optimizer, *, loss="full", objective="base", mode="pareto",
                  lam=0.1, every=1, shared="reached", grad_clip=1.0, num_negatives=1000,
                  logits="dot", temperature=1.0, amp_dtype=None, compile=False, cuda_graph=False,
-                 comm=None, layers=(), per_domain=False, gate=False):
+                 comm=None, layers=(), per_domain=False, gate=False, held_out=False):
         self.model, self.optimizer = model, optimizer
         self.loss_kwargs = dict(num_negatives=num_negatives, logits=logits,
                                 temperature=temperature)
@@ -86,7 +90,10 @@ class TrainStep:
         if per_domain and self.mode not in ("pareto", "mgda"):
             raise ValueError("per_domain needs a solver (mode pareto or mgda): a fixed lambda "
                              "has nothing to solve per domain")
-        self.every, self.gate = every, gate
+        if held_out and (gate or self.mode not in ("pareto", "mgda")):
+            raise ValueError("held_out gates the solver's lambda: it needs mode pareto or mgda "
+                             "and gate=False")
+        self.every, self.gate, self.held_out = every, gate, held_out
         self.layers = model.mass_layers(layers)
         self.num_tasks = model.num_domains if per_domain else 0  # 0: the one global L_cd
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -140,7 +147,8 @@ class TrainStep:
             every=weighting.every, shared=weighting.shared, grad_clip=train.grad_clip,
             num_negatives=train.num_negatives, logits=train.logits,
             temperature=train.temperature, compile=train.compile, cuda_graph=train.cuda_graph,
-            layers=list(weighting.layers), per_domain=weighting.per_domain, gate=weighting.gate)
+            layers=list(weighting.layers), per_domain=weighting.per_domain, gate=weighting.gate,
+            held_out=weighting.held_out)
         return cls(model, optimizer, **{**settings, **overrides})
 
     # ---------------------------------------------------------------- the traced function
@@ -187,21 +195,40 @@ class TrainStep:
         return Forward(loss_rec.float(), loss_cd, tasks, reads, head,
                        block_input, tasks_below)
 
+    def held_out_gradient(self, batch):
+        """L_rec's gradient over the Gram set on the held-out batch the training batch carries
+        (a forward and a backward of its rows; dropout as in training), and the running cosine
+        so far: the held-out gate's HeldOut."""
+        held = {key[len(HELD_OUT_PREFIX):]: value for key, value in batch.items()
+                if key.startswith(HELD_OUT_PREFIX)}
+        with torch.autocast(held["items"].device.type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None, cache_enabled=not self.cuda_graph):
+            hidden, _ = self.model(held["items"], held["domains"], held["seq_lens"])
+            loss = recommendation_loss(self.loss, hidden, self.model.item_weights(),
+                                       held["targets"], held["target_slots"],
+                                       held["target_weight"], **self.loss_kwargs,
+                                       bias=self.model.item_biases())
+        gram = [self.params[i] for i in self.gram_index]
+        found = torch.autograd.grad(loss.float(), gram, allow_unused=True)
+        shared = [torch.zeros_like(p) if g is None else g for g, p in zip(found, gram)]
+        return HeldOut(shared, batch["gate_running"])
+
     def gradients(self, batch, lam, solve):
         """(grads, clip scale, finite flag, scalars): everything but the parameter update."""
         fwd = self.losses(batch)
         distributed = self.comm is not None and self.comm.active
         reduce = self.comm.summed if distributed else None
+        held_out = self.held_out_gradient(batch) if solve and self.held_out else None
         if solve and self.one_layer and self.mode != "none":
             grads, lam, cosine, ok = one_layer_balanced_gradients(
                 self.params, self.gram_index, self.above_index, fwd.loss_rec, fwd.tasks,
                 fwd.tasks_below, fwd.block_input, fwd.reads, fwd.head, self.mode, reduce,
-                self.gate)
+                self.gate, held_out)
         else:  # a table in the Gram set (shared=all) gets its gradient as any parameter
             reads = None if self.table_in_gram else fwd.reads
             grads, lam, cosine, ok = balanced_gradients(
                 self.params, self.gram_index, fwd.loss_rec, fwd.tasks, self.mode, lam, solve,
-                reads, reduce, self.gate)
+                reads, reduce, self.gate, held_out)
         loss_rec, loss_cd = fwd.loss_rec.detach(), fwd.loss_cd.detach()
         if distributed:  # every gradient once, the two logged losses riding along
             losses = torch.stack([loss_rec, loss_cd])
@@ -245,6 +272,11 @@ class TrainStep:
     def __call__(self, batch):
         solve = self.solves_this_step()
         self.lr.fill_(self.optimizer.param_groups[0]["lr"])
+        if self.held_out:  # the held-out gate's running cosine is an input of the step
+            if not any(key.startswith(HELD_OUT_PREFIX) for key in batch):
+                raise ValueError("held_out=True needs batches that carry a held-out batch "
+                                 "(autocdsr.data.batches.held_out_batch)")
+            batch = {**batch, "gate_running": self.cosine}
         out = self.function(batch, self.lr, self.lam, solve)
         if solve:  # copies: a captured step's outputs are overwritten by its next replay
             self.lam, self.cosine = out["lam"].clone(), out["cosine"].clone()

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .config import to_yaml
 from . import distributed
-from .data.batches import bert4rec_train_batch, sasrec_train_batch, shard_batch, to_device
+from .data.batches import (bert4rec_train_batch, held_out_batch, sasrec_train_batch, shard_batch,
+                           to_device)
 from .data.prefetch import prefetched
 from .build import build_model, load_data, resolve_device, seed_everything
 from .data.dataset import training_windows
@@ -161,6 +162,11 @@ class Trainer:
             rng = np.random.default_rng([cfg.train.seed, epoch, index])  # resumable masking
             batch = bert4rec_train_batch(data.train, rows, cfg.data.max_len, self.model.tokens,
                                          cfg.data.mask_prob, rng)
+        if cfg.weighting.held_out:  # the held-out gate's batch: validation rows, drawn anew
+            rng = np.random.default_rng([cfg.train.seed, epoch, index, 1])
+            rows = rng.integers(len(data.valid), size=cfg.train.batch_size)
+            batch.update(held_out_batch(data.valid, rows, cfg.data.max_len, cfg.model.arch,
+                                        self.model.tokens))
         if self.comm.active:  # this rank's rows of the global batch
             batch = shard_batch(batch, self.comm.rank, self.comm.world)
         return batch

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from autocdsr.config import ModelConfig, TrainConfig
-from autocdsr.data.batches import bert4rec_train_batch, sasrec_train_batch, shard_batch
+from autocdsr.data.batches import (bert4rec_train_batch, held_out_batch, sasrec_train_batch,
+                                   shard_batch)
 from autocdsr.data.dataset import build_leave_one_out
 from autocdsr.data.synthetic import generate
 from autocdsr.distributed import Comm
@@ -36,16 +37,21 @@ def _case(arch, objective):
     else:
         batch = bert4rec_train_batch(data.train, rows, 16, model.tokens, 0.3,
                                      np.random.default_rng(0))
+    if objective.endswith("held_out"):  # validation rows ride along, sharded like the rest
+        batch.update(held_out_batch(data.valid, np.arange(3, 13), 16, arch, model.tokens))
     return model, batch
 
 
-VARIANTS = {"autocdsr/per_domain": dict(per_domain=True, layers=[0], gate=True)}
+VARIANTS = {"autocdsr/per_domain": dict(per_domain=True, layers=[0], gate=True),
+            "autocdsr/held_out": dict(per_domain=True, held_out=True)}
 
 
 def _gradients(model, batch, objective, comm=None):
     step = TrainStep(model, make_optimizer(model, TrainConfig()), loss="full",
                      objective="base" if objective == "base" else "autocdsr", comm=comm,
                      **VARIANTS.get(objective, {}))
+    if step.held_out:
+        batch = {**batch, "gate_running": step.cosine + 0.01}  # a running cosine from before
     grads, _, _, out = step.gradients(batch, step.lam, solve=True)
     return [g.detach().clone() for g in grads], out
 
@@ -57,14 +63,15 @@ def _worker(rank, path, arch, objective, results):
         comm = Comm(rank, WORLD)
         grads, out = _gradients(model, shard_batch(batch, rank, WORLD), objective, comm)
         torch.save({"grads": grads, "lam": out["lam"], "loss": out["loss"], "cd": out["cd"],
-                    "bytes": comm.bytes}, os.path.join(results, f"rank{rank}.pt"))
+                    "cosine": out["cosine"], "bytes": comm.bytes}, os.path.join(results, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("arch,objective", [("sasrec", "autocdsr"), ("bert4rec", "autocdsr"),
                                             ("bert4rec", "autocdsr_plus"), ("sasrec", "base"),
-                                            ("sasrec", "autocdsr/per_domain")])
+                                            ("sasrec", "autocdsr/per_domain"),
+                                            ("bert4rec", "autocdsr/held_out")])
 def test_combined_gradient_equals_the_union_batch_gradient(tmp_path, arch, objective):
     mp.spawn(_worker, args=(str(tmp_path / "init"), arch, objective, str(tmp_path)),
              nprocs=WORLD, join=True)
@@ -74,6 +81,7 @@ def test_combined_gradient_equals_the_union_batch_gradient(tmp_path, arch, objec
     for result in ranks:
         assert torch.equal(result["lam"], ranks[0]["lam"])  # the same lambda everywhere
         assert torch.allclose(result["lam"], single["lam"], atol=1e-6)
+        assert torch.allclose(result["cosine"], single["cosine"], atol=1e-6)
         assert result["loss"].item() == pytest.approx(single["loss"].item(), rel=1e-6)
         assert result["cd"].item() == pytest.approx(single["cd"].item(), rel=1e-6)
         for got, want in zip(result["grads"], single_grads):

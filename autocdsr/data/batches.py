@@ -19,6 +19,8 @@ import torch
 
 from .dataset import PAD
 
+HELD_OUT_PREFIX = "held_"  # the keys of a held-out batch carried inside a training batch
+
 
 class Batch(TypedDict):
     """What every batch holds: int64 tensors, B rows, L positions."""
@@ -109,7 +111,18 @@ def target_slots(targets, capacity):
 
 def shard_batch(batch, rank, world) -> TrainBatch:
     """Rows rank, rank + world, ... of a global training batch (data parallelism), with the
-    target slots recomputed for those rows; capacity: the rows' share of the batch's."""
+    target slots recomputed for those rows; capacity: the rows' share of the batch's. A
+    held-out batch riding along (HELD_OUT_PREFIX keys) is sharded the same way."""
+    part = _shard_rows(batch, rank, world)
+    held = {key[len(HELD_OUT_PREFIX):]: value for key, value in batch.items()
+            if key.startswith(HELD_OUT_PREFIX)}
+    if held:
+        part.update({HELD_OUT_PREFIX + key: value
+                     for key, value in _shard_rows(held, rank, world).items()})
+    return part
+
+
+def _shard_rows(batch, rank, world):
     part = {key: batch[key][rank::world] for key in ("items", "domains", "seq_lens", "targets")}
     rows, length = part["items"].shape
     targets = part["targets"].numpy()
@@ -144,6 +157,21 @@ def eval_batch(seqs, rows, max_len, arch, tokens) -> EvalBatch:
     batch["target_domains"] = torch.from_numpy(seqs.target_domains[rows])
     batch["rows"] = torch.from_numpy(np.asarray(rows))
     return batch
+
+
+def held_out_batch(seqs, rows, max_len, arch, tokens) -> dict:
+    """A training-shaped batch of evaluation rows (weighting.held_out): each row's history as
+    eval_batch builds it, its one target at the last position (SASRec: the prediction from the
+    last event; BERT4Rec: the appended [MASK]), under keys prefixed HELD_OUT_PREFIX so that it
+    rides inside a training batch through prefetching, sharding and graph capture."""
+    held = eval_batch(seqs, rows, max_len, arch, tokens)
+    lengths = held["seq_lens"].numpy()
+    targets = np.zeros(held["items"].shape, dtype=np.int64)
+    filled = lengths > 0
+    targets[np.flatnonzero(filled), lengths[filled] - 1] = held["targets"].numpy()[filled]
+    batch = _train_tensors(held["items"].numpy(), held["domains"].numpy(), lengths, targets,
+                           len(rows))
+    return {HELD_OUT_PREFIX + key: value for key, value in batch.items()}
 
 
 def _tensors(items, domains, lengths, targets) -> Batch:
