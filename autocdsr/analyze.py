@@ -103,7 +103,7 @@ def plot_trajectory(histories, path, metric="NDCG@10"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [("lambda", "lambda"), ("cosine", "cos(g_rec, g_cd) (held_out: its running gate)"),
+    keys = [("lambda", "lambda"), ("cosine", "cos(g_rec, g_cd); held_out: running, held-out g_rec"),
             ("cd_mass", "L_cd"), ("train_loss", "train loss"), (metric, f"valid {metric}")]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0))
     for label, history in histories:
