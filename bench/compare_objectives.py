@@ -19,7 +19,10 @@ attention-mass matrices before/after (autocdsr analyze) and the lambda / cosine 
 negatives and reports that table (the numbers to quote) beside the trained one.
 
 A run directory that already has metrics.json is reused, not retrained, so the study can be
-stopped and restarted, and seeds added later.
+stopped and restarted, and seeds added later. The run folders under OUT/runs are meant to be
+committed with the results (git ignores their checkpoints): on a fresh machine the same command
+then rebuilds every table from them and trains only what is missing (re-scored folders, OUT/runs_*, are reused the same way; the
+pair-mass analysis needs the checkpoints: pass --no-analysis there).
 """
 import argparse
 import json
