@@ -242,13 +242,18 @@ def solve_lambdas(shared_cd, shared_rec, loss_cd, loss_rec, mode, reduce=None, g
         shared_cd = [summed[k * n:(k + 1) * n] for k in range(tasks)]
         shared_rec, held, losses = (summed[tasks * n:(tasks + 1) * n],
                                     summed[(tasks + 1) * n:-1], summed[-1])
-    gram, pair_losses = _pair_problems(gram_matrix(shared_cd + [shared_rec]), losses)
+    # one Gram matrix over [cd_1..cd_K, rec(, held)]: each g_cd_k's norm is computed once
+    tasks = len(shared_cd)
+    full = gram_matrix(shared_cd + [shared_rec] + ([held] if held_out is not None else []))
+    gram, pair_losses = _pair_problems(full[:tasks + 1, :tasks + 1], losses)
     lam, ok = pareto_lambda(gram, pair_losses, mode)
     cosine = gradient_cosine(gram).float()
     if gate:
         lam = torch.where(cosine >= 0, lam, 0.0)
     if held_out is not None:
-        held_gram, _ = _pair_problems(gram_matrix(shared_cd + [held]), losses)
+        without_rec = torch.cat([full[:tasks], full[tasks + 1:]])  # slices: no index tensor
+        without_rec = torch.cat([without_rec[:, :tasks], without_rec[:, tasks + 1:]], dim=1)
+        held_gram, _ = _pair_problems(without_rec, losses)
         running = HELD_OUT_DECAY * held_out.running.reshape(-1).float() + \
             (1 - HELD_OUT_DECAY) * gradient_cosine(held_gram).float()
         lam, cosine = torch.where(running >= 0, lam, 0.0), running
