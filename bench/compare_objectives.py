@@ -20,9 +20,10 @@ negatives and reports that table (the numbers to quote) beside the trained one.
 
 A run directory that already has metrics.json is reused, not retrained, so the study can be
 stopped and restarted, and seeds added later. The run folders under OUT/runs are meant to be
-committed with the results (git ignores their checkpoints): on a fresh machine the same command
-then rebuilds every table from them and trains only what is missing (re-scored folders, OUT/runs_*, are reused the same way; the
-pair-mass analysis needs the checkpoints: pass --no-analysis there).
+committed with the results (git ignores their checkpoints): on a fresh machine the same
+command then rebuilds every table from them and trains only what is missing (re-scored
+folders, OUT/runs_*, are reused the same way; the pair-mass analysis needs the checkpoints:
+pass --no-analysis there).
 """
 import argparse
 import json
@@ -221,7 +222,7 @@ def main(argv=None):
             against = [runs[n][0] for n in names if n != base]
             folder = analyze(runs[base][0], against)
             for name in ("pair_mass.json", "pair_mass.png", "trajectory.png"):
-                # the run folders are not kept with the results: copy what the report shows
+                # beside summary.md under stable names, the paths the docs link to
                 shutil.copy(os.path.join(folder, name), os.path.join(args.out, f"{arch}_seed{args.seeds[0]}_{name}"))
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("\n".join(report))
