@@ -183,6 +183,32 @@ def test_shared_targets_give_single_and_cross_domain_runs_the_same_test_targets(
         keep_shared_targets(load_dataset(path, domains=[0]), {"u1": (0, 1), "u2": (0, 1)}, [0])
 
 
+def test_shared_targets_with_predefined_split_files(tmp_path):
+    """With split files a valid or test user's target is the user's last event: a
+    single-domain run keeps exactly the users whose last event is of a kept domain, with the
+    same target item as the cross-domain run."""
+    from autocdsr.config import ConfigError, load_config
+    events = {"train": {"u1": [0, 1, 0, 1], "u2": [1, 1, 0, 0]},
+              "valid": {"u3": [0, 0, 1, 0], "u4": [0, 0, 0, 1]},
+              "test": {"u5": [1, 0, 1, 0], "u6": [0, 0, 1, 1], "u7": [1, 1, 1, 0]}}
+    for part, users in events.items():
+        rows = "".join(f"{u}\t{u}i{k}\t{d}\t{k}\n" for u, ds in users.items()
+                       for k, d in enumerate(ds))
+        write(tmp_path / f"demo.{part}.inter", HEADER + rows)
+    single = load_dataset(str(tmp_path), "demo", "files", domains=[0], shared_targets=True)
+    cross = load_dataset(str(tmp_path), "demo", "files")
+    targets = lambda d, s: {u: d.item_tokens[t - 1] for u, t in zip(s.users.tolist(), s.targets)}
+    # u4's last event is domain 1; u3's second-to-last is too, which leave-one-out would refuse
+    assert targets(single, single.valid) == {"u3": "u3i3"}
+    assert targets(single, single.test) == {"u5": "u5i3"}    # u7 has one domain-0 event: dropped
+    assert targets(single, single.test).items() <= targets(cross, cross.test).items()
+    assert set(single.test.domains.tolist()) == {0}          # histories hold domain 0 only
+    unfiltered = load_dataset(str(tmp_path), "demo", "files", domains=[0])
+    assert "u6" in unfiltered.test.users.tolist()            # without it u6 scores a domain-0 event
+    with pytest.raises(ConfigError, match="needs data.domains"):
+        load_config(None, ["data.shared_targets=true"])
+
+
 def test_negative_mode_hints_are_exact_in_training_and_random_at_evaluation():
     from autocdsr.data.synthetic_negative import generate_negative
     frame = generate_negative(300, seed=4)

@@ -270,13 +270,16 @@ def last_two_domains(frame):
             for e in ends}
 
 
-def keep_shared_targets(data, last_two, domains):
-    """Leave-one-out evaluation rows of a data.domains run whose target is also the all-domain
-    split's target: test rows of users whose last event is of a kept domain, valid rows of
-    users whose last two events are. A single-domain run filtered so and a cross-domain run
-    with data.target_domains = the same domains then score the same test targets."""
+def keep_shared_targets(data, last_two, domains, valid_is_second_to_last=True):
+    """Evaluation rows of a data.domains run whose target is also the all-domain split's
+    target: test rows of users whose last event is of a kept domain; valid rows likewise, except
+    that under leave-one-out (valid_is_second_to_last) the valid target is the second-to-last
+    event, so both last events must be kept. With predefined split files a valid user's target
+    is that user's last event (`last_two` then maps the valid and the test users). A
+    single-domain run filtered so and a cross-domain run with data.target_domains = the same
+    domains then score the same test targets."""
     kept = {int(d) for d in domains}
-    for label, needs_both in (("valid", True), ("test", False)):
+    for label, needs_both in (("valid", valid_is_second_to_last), ("test", False)):
         split = getattr(data, label)
         ok = [last_two[u][1] in kept and (not needs_both or last_two[u][0] in kept)
               for u in split.users]
@@ -295,8 +298,12 @@ def load_dataset(path, name="", split="loo", domains=None, shared_targets=False)
     if os.path.isdir(path):
         name = name or os.path.basename(os.path.normpath(path))
         if split == "files":
-            frames = [keep_domains(read_inter(p), domains) for p in split_files(path, name)]
-            return build_predefined(frames, name)
+            frames = [read_inter(p) for p in split_files(path, name)]
+            data = build_predefined([keep_domains(f, domains) for f in frames], name)
+            if not shared_targets:
+                return data
+            last_two = {**last_two_domains(frames[1]), **last_two_domains(frames[2])}
+            return keep_shared_targets(data, last_two, domains, valid_is_second_to_last=False)
         candidates = [os.path.join(path, f"{name}.inter{ext}") for ext in ("", ".gz")]
         found = [p for p in candidates if os.path.isfile(p)]
         if not found:
