@@ -3,6 +3,7 @@
   autocdsr evaluate  --checkpoint RUN_DIR/best.pt [key=value ...]
   autocdsr analyze   RUN_DIR [--against RUN_DIR ...]
   autocdsr compare   RUN_DIR ... [--group-by KEYS] [--baseline GROUP] [--out DIR]
+  autocdsr transfer  CROSS_RUN_DIR ... --single D=RUN_DIR ... [--out DIR]
   autocdsr recommend --checkpoint RUN_DIR/best.pt --k K --out recs.tsv [--users FILE] [--domain D]
   autocdsr export    --checkpoint RUN_DIR/best.pt --out DIR
 """
@@ -67,6 +68,23 @@ def _compare(args):
     print(text)
 
 
+def _transfer(args):
+    from .compare import transfer_table
+    single = {}
+    for item in args.single:
+        domain, _, run_dir = item.partition("=")
+        if not domain.isdigit() or not run_dir:
+            raise ValueError(f"--single {item}: expected DOMAIN=RUN_DIR (a domain token, "
+                             f"e.g. 4=runs/single4)")
+        single.setdefault(int(domain), []).append(run_dir)
+    text, _ = transfer_table(args.cross, single, args.metrics.split(","))
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "transfer.md"), "w") as f:
+            f.write(text + "\n")
+
+
 def _recommend(args):
     from .serve import recommend
     lines = recommend(args.checkpoint, args.k, args.out, args.users, args.domain,
@@ -109,6 +127,14 @@ def main(argv=None):
     p_cmp.add_argument("--baseline", help="group label or key=value,... (default objective=base)")
     p_cmp.add_argument("--metrics", default="HR@10,NDCG@10")
     p_cmp.add_argument("--out", help="folder for compare.md and compare.csv")
+    p_tr = sub.add_parser("transfer", help="negative transfer per domain: single-domain runs "
+                                           "against the cross-domain base on the same targets")
+    p_tr.add_argument("cross", nargs="+", metavar="CROSS_RUN_DIR",
+                      help="the cross-domain base runs, one per seed")
+    p_tr.add_argument("--single", nargs="+", required=True, metavar="D=RUN_DIR",
+                      help="single-domain runs (data.domains=[D] data.shared_targets=true)")
+    p_tr.add_argument("--metrics", default="HR@10,NDCG@10")
+    p_tr.add_argument("--out", help="folder for transfer.md")
     p_rec = sub.add_parser("recommend", help="top-K items per user, as TSV")
     p_rec.add_argument("--checkpoint", required=True)
     p_rec.add_argument("--k", type=int, default=10)
@@ -122,7 +148,7 @@ def main(argv=None):
     p_exp.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     commands = {"train": _train, "evaluate": _evaluate, "analyze": _analyze, "compare": _compare,
-                "recommend": _recommend, "export": _export}
+                "transfer": _transfer, "recommend": _recommend, "export": _export}
     try:
         commands[args.command](args)
     except (FloatingPointError, ValueError) as err:

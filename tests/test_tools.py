@@ -165,6 +165,13 @@ def test_transfer_table_pairs_single_and_cross_domain_runs_on_the_same_targets(r
                     for m, s in zip(cross_metrics, single_metrics)])
     assert cross_row["cells"][0]["diff"] == pytest.approx(want)
     assert "| 0 |" in text and "single HR@10" in text
+    proc = _cli("transfer", *cross, "--single", *(f"0={d}" for d in single[0]),
+                "--out", tmp_path / "tr")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == text
+    assert (tmp_path / "tr" / "transfer.md").read_text().strip() == text
+    bad = _cli("transfer", *cross, "--single", single[0][0])
+    assert bad.returncode == 2 and "expected DOMAIN=RUN_DIR" in bad.stderr
     other = tmp_path / "other_protocol"
     train(load_config(None, TINY + ["data.domains=[0]", "data.shared_targets=true",
                                     "eval.protocol=full", f"run_dir={other}"]))
