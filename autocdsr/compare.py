@@ -174,9 +174,8 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
                      key=lambda d: (len(d), d))
     rows = summarize(groups, baseline, list(metric_keys), domains)
     first_cfg, first_metrics = runs[0][1], runs[0][2]
-    from .evaluate import PROTOCOL_TEXT
-    protocol = first_metrics["protocol"]
-    header = (f"Protocol: {protocol} ({PROTOCOL_TEXT[protocol]}); data: "
+    from .evaluate import protocol_text
+    header = (f"Protocol: {protocol_text(*scored_as(first_metrics))}; data: "
               f"{first_metrics.get('dataset', '?')}, max_len {first_cfg.data.max_len}; test split; "
               f"mean ± std (sample) over seeds; in brackets: mean paired difference to "
               f"'{baseline}' and the paired t-test p-value over shared seeds; [d] = target domain d.")
@@ -190,16 +189,23 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
     return text, rows
 
 
+def scored_as(metrics):
+    """(protocol, negative draws) a run's test metrics were scored under."""
+    return metrics["protocol"], metrics.get("negative_draws", 1)
+
+
 def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
     """Negative transfer, per domain: single-domain base runs (data.domains=[d],
     data.shared_targets=true) against the cross-domain base's rows of target domain d, which
     are the same test targets. single_dirs: {domain token: [run dirs]}; cross_dirs: the
     cross-domain base runs (one per seed). A positive difference (cross - single) is positive
     transfer, a negative one negative transfer. Returns (markdown text, rows)."""
+    from .evaluate import protocol_text
     cross = [(d, *load_run(d)) for d in cross_dirs]
-    protocol = cross[0][2]["protocol"]
-    lines = [f"Protocol: {protocol}; test split; the cross-domain base's rows of target domain d "
-             "against a base trained on domain d alone, scored on the same targets; mean ± std "
+    protocol = scored_as(cross[0][2])
+    lines = [f"Protocol: {protocol_text(*protocol)}; test split; the cross-domain base's rows "
+             "of target domain d against a base trained on domain d alone, scored on the same "
+             "targets; mean ± std "
              "over seeds; in brackets: cross - single and the paired t-test p-value over the seeds "
              "both have.", "",
              "| target domain | targets (cross / single) | " +
@@ -209,9 +215,9 @@ def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
     for domain, dirs in sorted(single_dirs.items()):
         single = [(d, *load_run(d)) for d in dirs]
         for run_dir, _, metrics in single:
-            if metrics["protocol"] != protocol:
-                raise CompareError(f"{run_dir}: protocol {metrics['protocol']}, the cross-domain "
-                                   f"runs use {protocol}")
+            if scored_as(metrics) != protocol:
+                raise CompareError(f"{run_dir}: protocol, negative draws {scored_as(metrics)}; "
+                                   f"the cross-domain runs use {protocol}")
         token = str(domain)
         as_domain = lambda m: {**m, "test": {"overall": m["test"]["per_domain"][token],
                                              "per_domain": {}}}

@@ -1,6 +1,7 @@
 """analyze / compare / recommend / export end to end on tiny runs."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -177,3 +178,9 @@ def test_transfer_table_pairs_single_and_cross_domain_runs_on_the_same_targets(r
                                     "eval.protocol=full", f"run_dir={other}"]))
     with pytest.raises(CompareError, match="protocol"):
         transfer_table(cross, {0: [str(other)]})
+    redrawn = tmp_path / "redrawn"  # the same protocol averaged over other negative draws
+    shutil.copytree(single[0][0], redrawn)
+    metrics = json.loads((redrawn / "metrics.json").read_text())
+    (redrawn / "metrics.json").write_text(json.dumps({**metrics, "negative_draws": 10}))
+    with pytest.raises(CompareError, match="negative draws"):
+        transfer_table(cross, {0: [str(redrawn)]})
