@@ -26,7 +26,7 @@ VARIANT_KEYS = {"weighting.layers": [], "weighting.per_domain": False, "weightin
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
                 "data.synthetic_spurious", "data.synthetic_mode", "data.domains", "data.target_domains",
-                "data.mask_domain", "eval.protocol", "eval.ks", "eval.negative_draws")
+                "data.mask_domain", "eval.protocol", "eval.ks", "eval.negative_draws", "eval.history")
 
 
 class CompareError(ValueError):
@@ -190,8 +190,8 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
 
 
 def scored_as(metrics):
-    """(protocol, negative draws) a run's test metrics were scored under."""
-    return metrics["protocol"], metrics.get("negative_draws", 1)
+    """(protocol, negative draws, history) a run's test metrics were scored under."""
+    return metrics["protocol"], metrics.get("negative_draws", 1), metrics.get("history", "all")
 
 
 def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
@@ -215,9 +215,10 @@ def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
     for domain, dirs in sorted(single_dirs.items()):
         single = [(d, *load_run(d)) for d in dirs]
         for run_dir, _, metrics in single:
-            if scored_as(metrics) != protocol:
-                raise CompareError(f"{run_dir}: protocol, negative draws {scored_as(metrics)}; "
-                                   f"the cross-domain runs use {protocol}")
+            # a single-domain history is its target domain's, whichever eval.history it ran
+            if scored_as(metrics)[:2] != protocol[:2]:
+                raise CompareError(f"{run_dir}: protocol, negative draws {scored_as(metrics)[:2]}; "
+                                   f"the cross-domain runs use {protocol[:2]}")
         token = str(domain)
         as_domain = lambda m: {**m, "test": {"overall": m["test"]["per_domain"][token],
                                              "per_domain": {}}}

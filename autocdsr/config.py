@@ -99,6 +99,9 @@ class EvalConfig:
     negative_draws: int = opt(1, "sampled protocols: metrics averaged over this many negative "
                                  "sets per target (1 = the protocol as published)")
     metric: str = opt("NDCG@10", "early-stopping metric on the validation split")
+    history: str = opt("all", "all | target_domain: score from each history's events of the "
+                              "target's domain only (a diagnostic: how much the model's "
+                              "prediction rests on the other domains' events)")
 
 
 @dataclass
@@ -138,6 +141,7 @@ CHOICES = {
     "train.logits": ("dot", "cosine"),
     "model.item_bias": ("none", "zero", "log_count"),
     "eval.protocol": ("full", "full_domain", "uni100_vocab", "uni999_domain"),
+    "eval.history": ("all", "target_domain"),
     "attention.backend": ("auto", "reference", "sdpa", "triton"),
 }
 

@@ -9,6 +9,9 @@ Protocols
   uni999_domain  the target and 999 negatives from the items of the target's domain,
                  excluding the user's history
 Negatives are drawn from a generator seeded by the run seed, so a protocol is repeatable.
+With eval.history=target_domain the model reads each history cut to its events of the
+target's domain, while the candidates (the negatives, and the history they exclude) stay those
+of the whole history: the two scorings of one model differ only in the context it reads.
 The rank counts the other candidates with a strictly higher score, plus half of those tied
 with the target. Models trained with a cosine score (the in-batch losses, train.logits=cosine)
 are ranked by cosine.
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.batches import eval_batch, to_device
+from .data.dataset import target_domain_history
 from .metrics import metrics_by_domain
 from .models.tokens import TokenSpec
 
@@ -148,6 +152,7 @@ def target_ranks(score_fn, data, split, cfg, device, desc="eval", comm=None):
     seed, max_len, arch = cfg.train.seed, cfg.data.max_len, cfg.model.arch
     tokens = TokenSpec.for_run(data.num_items, data.num_domains, cfg.data.mask_domain)
     rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
+    context = target_domain_history(split) if cfg.eval.history == "target_domain" else split
     ranks = {}
     starts = list(range(0, len(split), batch_size))[rank::world]
     if protocol == "full_domain":  # [domains, num_items + 1]: which ids each domain ranks
@@ -158,7 +163,7 @@ def target_ranks(score_fn, data, split, cfg, device, desc="eval", comm=None):
     for lo in tqdm(starts, desc=desc, leave=False, mininterval=1.0, disable=None if rank == 0 else True):
         rng = np.random.default_rng([seed, lo])
         rows = np.arange(lo, min(lo + batch_size, len(split)))
-        batch = to_device(eval_batch(split, rows, max_len, arch, tokens), device)
+        batch = to_device(eval_batch(context, rows, max_len, arch, tokens), device)
         if protocol in ("full", "full_domain"):
             scores = score_fn(batch, None).float()
             target_scores = scores.gather(1, batch["targets"][:, None])[:, 0]
@@ -230,18 +235,20 @@ def evaluate_split(score_fn, data, split, cfg, device, desc="eval", comm=None):
     return metrics_by_domain(ranks, split.target_domains, data.domain_tokens, ks)
 
 
-def protocol_text(protocol, draws=1):
+def protocol_text(protocol, draws=1, history="all"):
     """The protocol's name and meaning, as printed next to every metric."""
     text = f"{protocol} = {PROTOCOL_TEXT[protocol]}"
     if draws > 1 and not protocol.startswith("full"):
         text += f", mean over {draws} negative draws"
+    if history == "target_domain":
+        text += "; the model reads only the history's events of the target's domain"
     return text
 
 
-def format_table(title, protocol, result, ks, draws=1):
+def format_table(title, protocol, result, ks, draws=1, history="all"):
     """Text table of one split's metrics, with the protocol on top."""
     k_show = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
-    lines = [f"{title}  [protocol: {protocol_text(protocol, draws)}]",
+    lines = [f"{title}  [protocol: {protocol_text(protocol, draws, history)}]",
              f"{'domain':>10} {'n':>6} " + " ".join(f"{m:>8}" for m in k_show)]
     rows = [("overall", result["overall"])] + sorted(result["per_domain"].items())
     for name, row in rows:

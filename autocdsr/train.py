@@ -335,8 +335,9 @@ class Trainer:
         for title, result in tables:
             log.info("\n%s", format_table(f"{self.data.name} {cfg.model.arch} {cfg.objective} | {title}",
                                            cfg.eval.protocol, result, ks,
-                                           cfg.eval.negative_draws))
+                                           cfg.eval.negative_draws, cfg.eval.history))
         metrics = {"protocol": cfg.eval.protocol, "negative_draws": cfg.eval.negative_draws,
+                   "history": cfg.eval.history,
                    "seed": cfg.train.seed,
                    "dataset": self.data.name, "arch": cfg.model.arch, "objective": cfg.objective,
                    "weighting": cfg.weighting.mode, "loss": cfg.train.loss,

@@ -2,6 +2,7 @@
 uniform over the allowed pool (chi-square), vectorised over rows) and the full_domain ranking."""
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from autocdsr.config import load_config
@@ -86,3 +87,43 @@ def test_full_domain_ranks_the_target_among_its_domains_items(data):
         assert ranks[r] == (scores[r, pool] > scores[r, target]).sum()
     full = target_ranks(table_scorer(scores, "cpu"), data, data.test, cfg("full"), "cpu")
     assert (ranks <= full).all() and (ranks < full).any()
+
+
+def test_target_domain_history_keeps_the_target_domains_events_or_the_last_one():
+    from autocdsr.data.dataset import Sequences, target_domain_history
+    seqs = Sequences(offsets=np.array([0, 4, 6, 6]), items=np.array([1, 2, 3, 4, 5, 6]),
+                     domains=np.array([0, 1, 0, 1, 1, 1]), targets=np.array([7, 8, 9]),
+                     target_domains=np.array([0, 0, 1]), users=np.array([10, 11, 12]))
+    cut = target_domain_history(seqs)
+    assert cut.row(0)[0].tolist() == [1, 3]        # domain-0 events, in order
+    assert cut.row(1)[0].tolist() == [6]           # no domain-0 event: the last event
+    assert cut.row(2)[0].tolist() == []            # an empty history stays empty
+    assert cut.targets is seqs.targets and cut.users is seqs.users
+
+
+def test_target_domain_history_changes_the_context_not_the_candidates(data):
+    """eval.history=target_domain: the model reads only the target domain's events (the last
+    max_len of them), scored against the very candidates of the whole-history scoring."""
+    from autocdsr.evaluate import target_ranks
+    calls = {}
+
+    def recording(history):
+        def score(batch, candidates):
+            calls.setdefault(history, []).append((batch, candidates.clone()))
+            return torch.rand(candidates.shape, generator=torch.Generator().manual_seed(0))
+        return score
+    for history in ("all", "target_domain"):
+        cfg = load_config(None, ["eval.protocol=uni999_domain", "eval.batch_size=64",
+                                 "data.max_len=5", "model.arch=sasrec", f"eval.history={history}"])
+        target_ranks(recording(history), data, data.test, cfg, "cpu")
+    mixed = 0
+    for (whole, cand_a), (cut, cand_b) in zip(calls["all"], calls["target_domain"]):
+        assert torch.equal(cand_a, cand_b)
+        for b, r in enumerate(cut["rows"].tolist()):
+            items, domains = data.test.row(r)
+            own = items[domains == data.test.target_domains[r]]
+            expected = own[-5:] if len(own) else items[-1:]
+            n = int(cut["seq_lens"][b])
+            assert cut["items"][b, :n].tolist() == expected.tolist()
+            mixed += int(not torch.equal(whole["items"][b], cut["items"][b]))
+    assert mixed > 0  # the synthetic histories mix domains, so some contexts changed

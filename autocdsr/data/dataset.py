@@ -258,6 +258,20 @@ def select_rows(seqs, rows):
                      pick(seqs.targets), pick(seqs.target_domains), pick(seqs.users))
 
 
+def target_domain_history(seqs):
+    """Evaluation rows with each history cut to its events of the row's target domain (the
+    eval.history=target_domain diagnostic); a history with no such event keeps its last event,
+    so that every row still has a state to predict from. Targets and users are unchanged."""
+    lengths = np.diff(seqs.offsets)
+    owner = np.repeat(np.arange(len(seqs)), lengths)
+    keep = seqs.domains == seqs.target_domains[owner]
+    none_kept = (np.bincount(owner[keep], minlength=len(seqs)) == 0) & (lengths > 0)
+    keep[seqs.offsets[1:][none_kept] - 1] = True
+    kept = np.bincount(owner[keep], minlength=len(seqs))
+    return Sequences(np.r_[0, np.cumsum(kept)], seqs.items[keep], seqs.domains[keep],
+                     seqs.targets, seqs.target_domains, seqs.users)
+
+
 def last_two_domains(frame):
     """{user token: (domain token of the second-to-last event, of the last)} in the order
     leave-one-out splits by ((timestamp, file order) per user); None for a 1-event user's first."""
