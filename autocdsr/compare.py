@@ -18,15 +18,17 @@ from .config import Config
 
 DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam",
                     "weighting.layers", "weighting.per_domain", "weighting.gate",
-                    "weighting.held_out", "weighting.shared")
+                    "weighting.held_out", "weighting.shared", "eval.history")
 # weighting variants left out of a group's label where they have their default (the official
 # step's: every layer, one L_cd, no gate, the `reached` Gram set)
 VARIANT_KEYS = {"weighting.layers": [], "weighting.per_domain": False, "weighting.gate": False,
                 "weighting.held_out": False, "weighting.shared": "reached"}
+# how a run was scored, left out of the label where it has its default (for every objective)
+SCORING_KEYS = {"eval.history": "all"}
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
                 "data.synthetic_spurious", "data.synthetic_mode", "data.domains", "data.target_domains",
-                "data.mask_domain", "eval.protocol", "eval.ks", "eval.negative_draws", "eval.history")
+                "data.mask_domain", "eval.protocol", "eval.ks", "eval.negative_draws")
 
 
 class CompareError(ValueError):
@@ -54,6 +56,8 @@ def _value(cfg, key):
         return "-"
     value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     if key in VARIANT_KEYS and (cfg.objective == "base" or value == VARIANT_KEYS[key]):
+        return "-"
+    if key in SCORING_KEYS and value == SCORING_KEYS[key]:
         return "-"
     return value
 
@@ -160,7 +164,9 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
     runs = [(d, *load_run(d)) for d in run_dirs]
     groups = group_runs(runs, list(group_by))
     if baseline is None:
-        baseline = next((g for g in groups if "objective=base" in g), None)
+        # the plain base (fewest labels), not the base scored another way
+        bases = [g for g in groups if "objective=base" in g]
+        baseline = min(bases, key=lambda g: g.count(",")) if bases else None
     elif baseline not in groups:
         wanted = [part.split("=", 1)[-1] for part in baseline.split(",")]
         matches = [g for g in groups if all(f"={w}" in g for w in wanted)]
@@ -175,7 +181,7 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
     rows = summarize(groups, baseline, list(metric_keys), domains)
     first_cfg, first_metrics = runs[0][1], runs[0][2]
     from .evaluate import protocol_text
-    header = (f"Protocol: {protocol_text(*scored_as(first_metrics))}; data: "
+    header = (f"Protocol: {protocol_text(*scored_as(first_metrics)[:2])}; data: "
               f"{first_metrics.get('dataset', '?')}, max_len {first_cfg.data.max_len}; test split; "
               f"mean ± std (sample) over seeds; in brackets: mean paired difference to "
               f"'{baseline}' and the paired t-test p-value over shared seeds; [d] = target domain d.")

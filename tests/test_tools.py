@@ -80,6 +80,24 @@ def test_compare_refuses_mixed_protocols(runs, tmp_path):
         compare([str(runs["base", 0]), str(other)])
 
 
+def test_compare_pairs_a_base_with_itself_read_from_target_domain_histories(runs, tmp_path):
+    """eval.history=target_domain re-scorings of the base runs form their own group, paired by
+    seed with the plain base, which stays the baseline."""
+    from autocdsr.reevaluate import reevaluate
+    own = []
+    for seed in (0, 1):
+        out = tmp_path / f"own{seed}"
+        metrics = reevaluate(str(runs["base", seed] / "best.pt"), ["eval.history=target_domain"],
+                             out_dir=str(out), log=lambda *_: None)
+        assert metrics["history"] == "target_domain"
+        own.append((out, metrics["test"]["overall"]["HR@10"]))
+    text, rows = compare([str(runs["base", 0]), str(runs["base", 1])] + [str(o) for o, _ in own])
+    assert [r["group"] for r in rows] == ["arch=sasrec, objective=base",
+                                          "arch=sasrec, objective=base, history=target_domain"]
+    cell = rows[1]["cells"][0]
+    assert cell["mean"] == pytest.approx(np.mean([hr for _, hr in own])) and "p" in cell
+
+
 def test_recommend_excludes_history_and_writes_k_per_user(runs, tmp_path):
     out = tmp_path / "recs.tsv"
     proc = _cli("recommend", "--checkpoint", runs["base", 0] / "best.pt", "--k", 5, "--out", out)
