@@ -131,8 +131,9 @@ def main(argv=None):
                                            "against the cross-domain base on the same targets")
     p_tr.add_argument("cross", nargs="+", metavar="CROSS_RUN_DIR",
                       help="the cross-domain base runs, one per seed")
-    p_tr.add_argument("--single", nargs="+", required=True, metavar="D=RUN_DIR",
-                      help="single-domain runs (data.domains=[D] data.shared_targets=true)")
+    p_tr.add_argument("--single", nargs="+", action="extend", required=True, metavar="D=RUN_DIR",
+                      help="single-domain runs (data.domains=[D] data.shared_targets=true); "
+                           "repeat the flag or list several")
     p_tr.add_argument("--metrics", default="HR@10,NDCG@10")
     p_tr.add_argument("--out", help="folder for transfer.md")
     p_rec = sub.add_parser("recommend", help="top-K items per user, as TSV")

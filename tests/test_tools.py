@@ -189,6 +189,8 @@ def test_transfer_table_pairs_single_and_cross_domain_runs_on_the_same_targets(r
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == text
     assert (tmp_path / "tr" / "transfer.md").read_text().strip() == text
+    repeated = _cli("transfer", *cross, *(a for d in single[0] for a in ("--single", f"0={d}")))
+    assert repeated.returncode == 0 and repeated.stdout.strip() == text  # every seed, not the last
     bad = _cli("transfer", *cross, "--single", single[0][0])
     assert bad.returncode == 2 and "expected DOMAIN=RUN_DIR" in bad.stderr
     other = tmp_path / "other_protocol"
