@@ -197,7 +197,14 @@ def compare(run_dirs, group_by=DEFAULT_GROUP_BY, baseline=None, metric_keys=("HR
 
 def scored_as(metrics):
     """(protocol, negative draws, history) a run's test metrics were scored under."""
-    return metrics["protocol"], metrics.get("negative_draws", 1), metrics.get("history", "all")
+    return metrics["protocol"], metrics.get("negative_draws", 1), metrics.get("eval_history", "all")
+
+
+def _refuse_repeated_seeds(what, runs):
+    """Pairing is by seed: two runs of one seed on one side would be averaged silently."""
+    seeds = [cfg.train.seed for _, cfg, _ in runs]
+    if len(set(seeds)) != len(seeds):
+        raise CompareError(f"{what}: two runs with one seed ({seeds}); give one run per seed")
 
 
 def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
@@ -209,6 +216,11 @@ def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
     from .evaluate import protocol_text
     cross = [(d, *load_run(d)) for d in cross_dirs]
     protocol = scored_as(cross[0][2])
+    for run_dir, _, metrics in cross[1:]:  # one table, one scoring of the cross-domain side
+        if scored_as(metrics) != protocol:
+            raise CompareError(f"{run_dir}: scored as {scored_as(metrics)}; {cross[0][0]} as "
+                               f"{protocol}")
+    _refuse_repeated_seeds("cross-domain runs", cross)
     lines = [f"Protocol: {protocol_text(*protocol)}; test split; the cross-domain base's rows "
              "of target domain d against a base trained on domain d alone, scored on the same "
              "targets; mean ± std "
@@ -220,6 +232,7 @@ def transfer_table(cross_dirs, single_dirs, metric_keys=("HR@10", "NDCG@10")):
     all_rows = []
     for domain, dirs in sorted(single_dirs.items()):
         single = [(d, *load_run(d)) for d in dirs]
+        _refuse_repeated_seeds(f"single-domain runs of domain {domain}", single)
         for run_dir, _, metrics in single:
             # a single-domain history is its target domain's, whichever eval.history it ran
             if scored_as(metrics)[:2] != protocol[:2]:

@@ -25,7 +25,7 @@ def reevaluate(checkpoint, overrides=(), out_dir=None, device="auto", log=print)
     amp = torch.bfloat16 if device.type == "cuda" else None  # as the trainer evaluates
     scorer = model_scorer(model, amp, uses_cosine(cfg))
     draws, ks = cfg.eval.negative_draws, list(cfg.eval.ks)
-    metrics = {"protocol": cfg.eval.protocol, "negative_draws": draws, "history": cfg.eval.history,
+    metrics = {"protocol": cfg.eval.protocol, "negative_draws": draws, "eval_history": cfg.eval.history,
                "reevaluated_from": os.path.abspath(checkpoint)}
     trained = os.path.join(os.path.dirname(checkpoint), "metrics.json")
     if os.path.exists(trained):

@@ -337,7 +337,7 @@ class Trainer:
                                            cfg.eval.protocol, result, ks,
                                            cfg.eval.negative_draws, cfg.eval.history))
         metrics = {"protocol": cfg.eval.protocol, "negative_draws": cfg.eval.negative_draws,
-                   "history": cfg.eval.history,
+                   "eval_history": cfg.eval.history,
                    "seed": cfg.train.seed,
                    "dataset": self.data.name, "arch": cfg.model.arch, "objective": cfg.objective,
                    "weighting": cfg.weighting.mode, "loss": cfg.train.loss,

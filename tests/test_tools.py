@@ -84,12 +84,14 @@ def test_compare_pairs_a_base_with_itself_read_from_target_domain_histories(runs
     """eval.history=target_domain re-scorings of the base runs form their own group, paired by
     seed with the plain base, which stays the baseline."""
     from autocdsr.reevaluate import reevaluate
+    trained = json.loads((runs["base", 0] / "metrics.json").read_text())
+    assert trained["eval_history"] == "all" and isinstance(trained["history"], list)  # per epoch
     own = []
     for seed in (0, 1):
         out = tmp_path / f"own{seed}"
         metrics = reevaluate(str(runs["base", seed] / "best.pt"), ["eval.history=target_domain"],
                              out_dir=str(out), log=lambda *_: None)
-        assert metrics["history"] == "target_domain"
+        assert metrics["eval_history"] == "target_domain"
         own.append((out, metrics["test"]["overall"]["HR@10"]))
     text, rows = compare([str(runs["base", 0]), str(runs["base", 1])] + [str(o) for o, _ in own])
     assert [r["group"] for r in rows] == ["arch=sasrec, objective=base",
@@ -191,6 +193,10 @@ def test_transfer_table_pairs_single_and_cross_domain_runs_on_the_same_targets(r
     assert (tmp_path / "tr" / "transfer.md").read_text().strip() == text
     repeated = _cli("transfer", *cross, *(a for d in single[0] for a in ("--single", f"0={d}")))
     assert repeated.returncode == 0 and repeated.stdout.strip() == text  # every seed, not the last
+    with pytest.raises(CompareError, match="one seed"):  # pairing is by seed
+        transfer_table(cross + cross[:1], single)
+    with pytest.raises(CompareError, match="one seed"):
+        transfer_table(cross, {0: single[0] + single[0][:1]})
     bad = _cli("transfer", *cross, "--single", single[0][0])
     assert bad.returncode == 2 and "expected DOMAIN=RUN_DIR" in bad.stderr
     other = tmp_path / "other_protocol"
