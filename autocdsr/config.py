@@ -81,6 +81,8 @@ class TrainConfig:
     logits: str = opt("dot", "full / sampled: dot | cosine (cos / temperature)")
     temperature: float = opt(0.1, "for logits=cosine")
     num_negatives: int = opt(1000, "sampled softmax")
+    negatives: str = opt("uniform", "sampled softmax: uniform (over every item) | domain "
+                                    "(from the target's domain) | mixed (both sets)")
     patience: int = opt(3, "early stopping, in epochs without a better valid metric")
     max_steps_per_epoch: int = opt(0, "0 = the whole epoch")
     max_bad_steps: int = opt(20, "non-finite steps in a row before the run stops")
@@ -138,6 +140,7 @@ CHOICES = {
     "weighting.shared": ("reached", "last_layer", "all_but_items", "all"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.loss": ("full", "sampled", "inbatch", "inbatch_official"),
+    "train.negatives": ("uniform", "domain", "mixed"),
     "train.logits": ("dot", "cosine"),
     "model.item_bias": ("none", "zero", "log_count"),
     "eval.protocol": ("full", "full_domain", "uni100_vocab", "uni999_domain"),
@@ -272,6 +275,9 @@ def check_config(cfg):
                                           or cfg.train.logits == "cosine"):
         raise ConfigError("model.item_bias adds an offset to dot-product scores: it needs "
                           "train.loss=full or sampled with train.logits=dot")
+    if cfg.train.negatives != "uniform" and cfg.train.loss != "sampled":
+        raise ConfigError(f"train.negatives={cfg.train.negatives} chooses the sampled softmax's "
+                          f"negatives: it needs train.loss=sampled, got {cfg.train.loss}")
     if cfg.train.prefetch < 0:
         raise ConfigError(f"train.prefetch must be >= 0 (0 = build each batch when needed), "
                           f"got {cfg.train.prefetch}")

@@ -22,7 +22,7 @@ from .balancing import HeldOut, TableReads, balanced_gradients, one_layer_balanc
 from .data.batches import HELD_OUT_PREFIX
 from .graph_step import CapturedStep
 from .optim import adamw_update, clip_scale
-from .losses import recommendation_loss
+from .losses import DomainPools, recommendation_loss
 from .models import Intermediates
 from .objectives import cross_domain_loss, cross_domain_loss_per_domain, domain_query_counts
 
@@ -77,10 +77,16 @@ class TrainStep:
     def __init__(self, model, optimizer, *, loss="full", objective="base", mode="pareto",
                  lam=0.1, every=1, shared="reached", grad_clip=1.0, num_negatives=1000,
                  logits="dot", temperature=1.0, amp_dtype=None, compile=False, cuda_graph=False,
-                 comm=None, layers=(), per_domain=False, gate=False, held_out=False):
+                 comm=None, layers=(), per_domain=False, gate=False, held_out=False,
+                 negatives="uniform", domain_items=None):
         self.model, self.optimizer = model, optimizer
+        if negatives != "uniform" and domain_items is None:
+            raise ValueError(f"negatives={negatives} draws from each domain's items: pass "
+                             "domain_items (the dataset's)")
+        pools = None if negatives == "uniform" else \
+            DomainPools.build(domain_items, next(model.parameters()).device)
         self.loss_kwargs = dict(num_negatives=num_negatives, logits=logits,
-                                temperature=temperature)
+                                temperature=temperature, negatives=negatives, pools=pools)
         self.loss, self.amp_dtype, self.grad_clip = loss, amp_dtype, grad_clip
         self.comm = comm  # autocdsr.distributed.Comm, or None for one process
         if (compile or cuda_graph) and comm is not None and comm.active:
@@ -140,7 +146,8 @@ class TrainStep:
     @classmethod
     def from_config(cls, model, optimizer, cfg, **overrides):
         """The step a run's config describes (objective, weighting.*, train.* loss settings),
-        with overrides on top (amp_dtype, comm, or a config key's value, e.g. shared=...)."""
+        with overrides on top (amp_dtype, comm, domain_items (train.negatives=domain or mixed),
+        or a config key's value, e.g. shared=...)."""
         weighting, train = cfg.weighting, cfg.train
         settings = dict(
             loss=train.loss, objective=cfg.objective, mode=weighting.mode, lam=weighting.lam,
@@ -148,7 +155,7 @@ class TrainStep:
             num_negatives=train.num_negatives, logits=train.logits,
             temperature=train.temperature, compile=train.compile, cuda_graph=train.cuda_graph,
             layers=list(weighting.layers), per_domain=weighting.per_domain, gate=weighting.gate,
-            held_out=weighting.held_out)
+            held_out=weighting.held_out, negatives=train.negatives)
         return cls(model, optimizer, **{**settings, **overrides})
 
     # ---------------------------------------------------------------- the traced function
@@ -174,7 +181,8 @@ class TrainStep:
             weights, bias = model.item_weights(), model.item_biases()
             loss_rec = recommendation_loss(self.loss, hidden, weights, batch["targets"],
                                            batch["target_slots"], batch["target_weight"],
-                                           **self.loss_kwargs, denominator=rec_count, bias=bias)
+                                           **self.loss_kwargs, denominator=rec_count, bias=bias,
+                                           target_domains=batch["target_domains"])
         reads = TableReads(self.table_index, batch["items"], item_vectors, weights)
         head = [] if bias is None else [(bias, self.bias_index)]
         def balanced(layers):  # what the solver balances, over these layers' masses
@@ -207,7 +215,8 @@ class TrainStep:
             loss = recommendation_loss(self.loss, hidden, self.model.item_weights(),
                                        held["targets"], held["target_slots"],
                                        held["target_weight"], **self.loss_kwargs,
-                                       bias=self.model.item_biases())
+                                       bias=self.model.item_biases(),
+                                       target_domains=held["target_domains"])
         gram = [self.params[i] for i in self.gram_index]
         found = torch.autograd.grad(loss.float(), gram, allow_unused=True)
         shared = [torch.zeros_like(p) if g is None else g for g, p in zip(found, gram)]

@@ -94,7 +94,8 @@ class Trainer:
                                           max(0.1, 1 - 0.9 * (s - warmup) / max(1, total - warmup))))
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.step = TrainStep.from_config(self.model, self.optimizer, cfg,
-                                          amp_dtype=self.amp_dtype, comm=self.comm)
+                                          amp_dtype=self.amp_dtype, comm=self.comm,
+                                          domain_items=self.data.domain_items)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         self.history, self.pending = [], []

@@ -72,8 +72,10 @@ def make_batch(arch, size, device, seed=0):
         targets = torch.where(torch.rand(b, length, generator=gen) < 0.15, targets, 0)
     capacity = cloze_capacity(b, length, 0.15) if arch == "bert4rec" else b * length
     slots, weight = target_slots(targets.numpy(), capacity)
+    target_domains = torch.where(targets > 0, domains, -1)  # random ids: any domain serves
     batch = dict(items=items, domains=domains, seq_lens=seq_lens, targets=targets,
-                 target_slots=torch.from_numpy(slots), target_weight=torch.from_numpy(weight))
+                 target_slots=torch.from_numpy(slots), target_weight=torch.from_numpy(weight),
+                 target_domains=target_domains)
     return {k: t.to(device) for k, t in batch.items()}
 
 

@@ -23,6 +23,7 @@ from autocdsr.train import Trainer, setup_logging
 def shadow_step(trainer, shared):
     """A TrainStep on the trainer's model and optimizer that only computes gradients."""
     return TrainStep.from_config(trainer.model, trainer.optimizer, trainer.cfg, shared=shared,
+                                 domain_items=trainer.data.domain_items,
                                  compile=False, cuda_graph=False)
 
 

@@ -34,6 +34,7 @@ class TrainBatch(Batch):
     """A training batch: fixed shapes whatever the data (see the module docstring)."""
     target_slots: torch.Tensor   # [capacity] flat B * L positions that hold a target
     target_weight: torch.Tensor  # [capacity] float32: 1 for a target, 0 for a filler slot
+    target_domains: torch.Tensor  # [B, L] the target's domain at a target, -1 elsewhere
 
 
 class EvalBatch(Batch):
@@ -63,13 +64,13 @@ def sasrec_train_batch(seqs, rows, max_len) -> TrainBatch:
     """Inputs = events[:-1], targets = events[1:] over the last max_len + 1 events."""
     items, domains, lengths = _pad_rows(seqs, rows, max_len + 1, max_len + 1)
     inputs, input_domains = items[:, :-1].copy(), domains[:, :-1].copy()
-    targets = items[:, 1:].copy()
+    targets, target_domains = items[:, 1:].copy(), domains[:, 1:].copy()
     lengths = np.maximum(lengths - 1, 0)
     # The position past each row's end is not an input: blank it.
     for b, n in enumerate(lengths):
         inputs[b, n:], input_domains[b, n:] = PAD, -1
-        targets[b, n:] = PAD
-    return _train_tensors(inputs, input_domains, lengths, targets, targets.size)
+        targets[b, n:], target_domains[b, n:] = PAD, -1
+    return _train_tensors(inputs, input_domains, lengths, targets, targets.size, target_domains)
 
 
 def bert4rec_train_batch(seqs, rows, max_len, tokens, mask_prob, rng) -> TrainBatch:
@@ -84,11 +85,11 @@ def bert4rec_train_batch(seqs, rows, max_len, tokens, mask_prob, rng) -> TrainBa
     capacity = cloze_capacity(len(rows), max_len, mask_prob)
     extra = np.flatnonzero(masked.reshape(-1))[capacity:]
     masked.reshape(-1)[extra] = False  # beyond the capacity (practically never): unmasked
-    targets = np.where(masked, items, PAD)
+    targets, target_domains = np.where(masked, items, PAD), np.where(masked, domains, -1)
     items = np.where(masked, tokens.mask_item, items)
     if tokens.mask_domain is not None:
         domains = np.where(masked, tokens.mask_domain, domains)
-    return _train_tensors(items, domains, lengths, targets, capacity)
+    return _train_tensors(items, domains, lengths, targets, capacity, target_domains)
 
 
 def cloze_capacity(batch, length, mask_prob):
@@ -123,7 +124,8 @@ def shard_batch(batch, rank, world) -> TrainBatch:
 
 
 def _shard_rows(batch, rank, world):
-    part = {key: batch[key][rank::world] for key in ("items", "domains", "seq_lens", "targets")}
+    part = {key: batch[key][rank::world]
+            for key in ("items", "domains", "seq_lens", "targets", "target_domains")}
     rows, length = part["items"].shape
     targets = part["targets"].numpy()
     capacity = min(rows * length, -(-len(batch["target_slots"]) * 2 // world))
@@ -134,8 +136,9 @@ def _shard_rows(batch, rank, world):
     return part
 
 
-def _train_tensors(items, domains, lengths, targets, capacity) -> TrainBatch:
+def _train_tensors(items, domains, lengths, targets, capacity, target_domains) -> TrainBatch:
     batch = _tensors(items, domains, lengths, targets)
+    batch["target_domains"] = torch.from_numpy(target_domains)
     slots, weight = target_slots(targets, capacity)
     batch["target_slots"], batch["target_weight"] = torch.from_numpy(slots), torch.from_numpy(weight)
     return batch
@@ -167,10 +170,12 @@ def held_out_batch(seqs, rows, max_len, arch, tokens) -> dict:
     held = eval_batch(seqs, rows, max_len, arch, tokens)
     lengths = held["seq_lens"].numpy()
     targets = np.zeros(held["items"].shape, dtype=np.int64)
-    filled = lengths > 0
-    targets[np.flatnonzero(filled), lengths[filled] - 1] = held["targets"].numpy()[filled]
+    target_domains = np.full(held["items"].shape, -1, dtype=np.int64)
+    filled = np.flatnonzero(lengths > 0)
+    targets[filled, lengths[filled] - 1] = held["targets"].numpy()[filled]
+    target_domains[filled, lengths[filled] - 1] = held["target_domains"].numpy()[filled]
     batch = _train_tensors(held["items"].numpy(), held["domains"].numpy(), lengths, targets,
-                           len(rows))
+                           len(rows), target_domains)
     return {HELD_OUT_PREFIX + key: value for key, value in batch.items()}
 
 
