@@ -73,6 +73,21 @@ def test_compare_tells_the_gram_sets_apart(runs, tmp_path):
     assert not any("shared=reached" in g for g in groups)
 
 
+def test_compare_tells_the_negative_sampling_apart(runs, tmp_path):
+    """Base runs trained with other negatives (train.negatives) form their own group, labelled
+    by it; the plain base stays the baseline and its label stays as it was."""
+    mixed = []
+    for seed in (0, 1):
+        mixed.append(tmp_path / f"mixed{seed}")
+        train(load_config(None, TINY + ["train.loss=sampled", "train.num_negatives=20",
+                                        "train.negatives=mixed", f"train.seed={seed}",
+                                        f"run_dir={mixed[-1]}"]))
+    _, rows = compare([str(runs["base", 0]), str(runs["base", 1])] + [str(m) for m in mixed])
+    assert [r["group"] for r in rows] == ["arch=sasrec, objective=base",
+                                          "arch=sasrec, objective=base, negatives=mixed"]
+    assert "p" in rows[1]["cells"][0] and "p" not in rows[0]["cells"][0]
+
+
 def test_compare_refuses_mixed_protocols(runs, tmp_path):
     other = tmp_path / "full"
     train(load_config(None, TINY + ["eval.protocol=full", f"run_dir={other}"]))
