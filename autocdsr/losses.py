@@ -19,10 +19,10 @@ inbatch_official: the official AutoCDSR code's in-batch loss, exactly: numerator
 full and sampled score with `logits`: "dot" (h . e, plus the item's bias b when the model has
 one) or "cosine" (cos(h, e) / temperature, the paper's r(x) = cos(Emb(x), h)).
 """
-import torch
-import torch.nn.functional as F
 from typing import NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import CHOICES
