@@ -83,6 +83,10 @@ class TrainConfig:
     num_negatives: int = opt(1000, "sampled softmax")
     negatives: str = opt("uniform", "sampled softmax: uniform (over every item) | domain "
                                     "(from the target's domain) | mixed (both sets)")
+    domain_balance: float = opt(0.0, "loss weight of a target of domain d: (n_max / n_d) ** this "
+                                     "(n_d: d's training events); 0 = every target alike, 1 = "
+                                     "every domain the same total weight")
+    domain_weight_max: float = opt(20.0, "the largest domain loss weight (train.domain_balance)")
     patience: int = opt(3, "early stopping, in epochs without a better valid metric")
     max_steps_per_epoch: int = opt(0, "0 = the whole epoch")
     max_bad_steps: int = opt(20, "non-finite steps in a row before the run stops")
@@ -278,6 +282,9 @@ def check_config(cfg):
     if cfg.train.negatives != "uniform" and cfg.train.loss != "sampled":
         raise ConfigError(f"train.negatives={cfg.train.negatives} chooses the sampled softmax's "
                           f"negatives: it needs train.loss=sampled, got {cfg.train.loss}")
+    if cfg.train.domain_balance < 0 or cfg.train.domain_weight_max < 1:
+        raise ConfigError(f"train.domain_balance must be >= 0 and train.domain_weight_max >= 1, "
+                          f"got {cfg.train.domain_balance} and {cfg.train.domain_weight_max}")
     if cfg.train.prefetch < 0:
         raise ConfigError(f"train.prefetch must be >= 0 (0 = build each batch when needed), "
                           f"got {cfg.train.prefetch}")

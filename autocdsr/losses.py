@@ -18,6 +18,10 @@ inbatch_official: the official AutoCDSR code's in-batch loss, exactly: numerator
 
 full and sampled score with `logits`: "dot" (h . e, plus the item's bias b when the model has
 one) or "cosine" (cos(h, e) / temperature, the paper's r(x) = cos(Emb(x), h)).
+
+Every loss is a weighted mean over the batch's targets. By default each target weighs 1;
+train.domain_balance weighs a target by its domain instead (domain_loss_weights), so a small
+domain's targets carry more of the gradient than their count alone gives them.
 """
 from typing import NamedTuple
 
@@ -93,6 +97,20 @@ def inbatch_official_loss(states, weights, targets, row_weight=None, denominator
     lse = torch.logsumexp(logits.masked_fill(same, 0.0).masked_fill(~usable, float("-inf")),
                           dim=1)
     return _weighted_mean(lse - logits.diagonal(), row_weight, denominator)
+
+
+def domain_loss_weights(counts, balance, max_weight):
+    """[num_domains] float32: the loss weight of a target of domain d, (n_max / n_d) ** balance
+    cut to max_weight, where n_d counts domain d's training events and n_max the largest
+    domain's. balance 0 weighs every target alike; 1 gives each domain the same total weight
+    (up to the cut, which keeps a domain of a handful of events from dominating a batch). The
+    loss divides by the batch's summed weight, so only the ratios matter. A domain without
+    training events gets 0 (it has no training targets)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if counts.ndim != 1 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"counts must be non-negative per-domain event counts, got {counts}")
+    weights = (counts.max() / counts.clamp(min=1)).pow(balance).clamp(max=max_weight)
+    return torch.where(counts > 0, weights, 0.0).float()
 
 
 def uniform_negatives(num_items, count, device):

@@ -22,7 +22,7 @@ from .balancing import HeldOut, TableReads, balanced_gradients, one_layer_balanc
 from .data.batches import HELD_OUT_PREFIX
 from .graph_step import CapturedStep
 from .optim import adamw_update, clip_scale
-from .losses import DomainPools, recommendation_loss
+from .losses import DomainPools, domain_loss_weights, recommendation_loss
 from .models import Intermediates
 from .objectives import cross_domain_loss, cross_domain_loss_per_domain, domain_query_counts
 
@@ -78,13 +78,19 @@ class TrainStep:
                  lam=0.1, every=1, shared="reached", grad_clip=1.0, num_negatives=1000,
                  logits="dot", temperature=1.0, amp_dtype=None, compile=False, cuda_graph=False,
                  comm=None, layers=(), per_domain=False, gate=False, held_out=False,
-                 negatives="uniform", domain_items=None):
+                 negatives="uniform", domain_items=None, domain_balance=0.0,
+                 domain_weight_max=20.0, domain_counts=None):
         self.model, self.optimizer = model, optimizer
         if negatives != "uniform" and domain_items is None:
             raise ValueError(f"negatives={negatives} draws from each domain's items: pass "
                              "domain_items (the dataset's)")
-        pools = None if negatives == "uniform" else \
-            DomainPools.build(domain_items, next(model.parameters()).device)
+        if domain_balance and domain_counts is None:
+            raise ValueError(f"domain_balance={domain_balance} weighs targets by their domain's "
+                             "size: pass domain_counts (the dataset's training events per domain)")
+        model_device = next(model.parameters()).device
+        pools = None if negatives == "uniform" else DomainPools.build(domain_items, model_device)
+        self.domain_weights = None if not domain_balance else domain_loss_weights(
+            domain_counts, domain_balance, domain_weight_max).to(model_device)
         self.loss_kwargs = dict(num_negatives=num_negatives, logits=logits,
                                 temperature=temperature, negatives=negatives, pools=pools)
         self.loss, self.amp_dtype, self.grad_clip = loss, amp_dtype, grad_clip
@@ -147,7 +153,7 @@ class TrainStep:
     def from_config(cls, model, optimizer, cfg, **overrides):
         """The step a run's config describes (objective, weighting.*, train.* loss settings),
         with overrides on top (amp_dtype, comm, domain_items (train.negatives=domain or mixed),
-        or a config key's value, e.g. shared=...)."""
+        domain_counts (train.domain_balance > 0), or a config key's value, e.g. shared=...)."""
         weighting, train = cfg.weighting, cfg.train
         settings = dict(
             loss=train.loss, objective=cfg.objective, mode=weighting.mode, lam=weighting.lam,
@@ -155,19 +161,30 @@ class TrainStep:
             num_negatives=train.num_negatives, logits=train.logits,
             temperature=train.temperature, compile=train.compile, cuda_graph=train.cuda_graph,
             layers=list(weighting.layers), per_domain=weighting.per_domain, gate=weighting.gate,
-            held_out=weighting.held_out, negatives=train.negatives)
+            held_out=weighting.held_out, negatives=train.negatives,
+            domain_balance=train.domain_balance, domain_weight_max=train.domain_weight_max)
         return cls(model, optimizer, **{**settings, **overrides})
 
     # ---------------------------------------------------------------- the traced function
+    def target_weights(self, batch):
+        """[C] each target slot's loss weight: the batch's (1 for a target, 0 for a filler
+        slot), times its domain's weight where domain_balance is set."""
+        weight = batch["target_weight"]
+        if self.domain_weights is None:
+            return weight
+        domains = batch["target_domains"].reshape(-1).index_select(0, batch["target_slots"])
+        return weight * self.domain_weights[domains.clamp(min=0)]  # fillers: -1, weight 0
+
     def losses(self, batch):
         """The forward pass (a Forward): the per-task losses are [num_domains] with
         per_domain, else L_cd itself. Under data parallelism the losses are this rank's share
         of the global ones."""
         model, domains = self.model, batch["domains"]
         query_mask = model.cd_query_mask(domains)
+        target_weights = self.target_weights(batch)
         rec_count = cd_count = domain_counts = None
         if self.comm is not None and self.comm.active:  # global counts normalise the losses
-            counts = [batch["target_weight"].sum()[None], query_mask.float().sum()[None]]
+            counts = [target_weights.sum()[None], query_mask.float().sum()[None]]
             if self.num_tasks:
                 counts.append(domain_query_counts(query_mask, domains, self.num_tasks))
             counts = self.comm.summed([torch.cat(counts)])[0]
@@ -180,7 +197,7 @@ class TrainStep:
             item_vectors, block_inputs = keep.item_vectors, keep.block_inputs
             weights, bias = model.item_weights(), model.item_biases()
             loss_rec = recommendation_loss(self.loss, hidden, weights, batch["targets"],
-                                           batch["target_slots"], batch["target_weight"],
+                                           batch["target_slots"], target_weights,
                                            **self.loss_kwargs, denominator=rec_count, bias=bias,
                                            target_domains=batch["target_domains"])
         reads = TableReads(self.table_index, batch["items"], item_vectors, weights)
@@ -214,7 +231,7 @@ class TrainStep:
             hidden, _ = self.model(held["items"], held["domains"], held["seq_lens"])
             loss = recommendation_loss(self.loss, hidden, self.model.item_weights(),
                                        held["targets"], held["target_slots"],
-                                       held["target_weight"], **self.loss_kwargs,
+                                       self.target_weights(held), **self.loss_kwargs,
                                        bias=self.model.item_biases(),
                                        target_domains=held["target_domains"])
         gram = [self.params[i] for i in self.gram_index]

@@ -95,7 +95,8 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.step = TrainStep.from_config(self.model, self.optimizer, cfg,
                                           amp_dtype=self.amp_dtype, comm=self.comm,
-                                          domain_items=self.data.domain_items)
+                                          domain_items=self.data.domain_items,
+                                          domain_counts=self.data.training_domain_counts())
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_metric, self.best_epoch, self.bad_epochs = -1.0, 0, 0
         self.history, self.pending = [], []
@@ -244,6 +245,11 @@ class Trainer:
                               os.path.join(cfg.run_dir, "environment.json"))
         log.info("%s | load %.1fs | device %s | %d steps/epoch", self.data.summary(),
                  self.load_seconds, self.device, self.steps_per_epoch)
+        if self.step.domain_weights is not None:
+            log.info("loss weight of a target, by domain (train.domain_balance=%g): %s",
+                     cfg.train.domain_balance, ", ".join(
+                         f"{token}: {w:.3g}" for token, w in
+                         zip(self.data.domain_tokens, self.step.domain_weights.tolist())))
         metric = cfg.eval.metric
         while self.epoch < cfg.train.epochs and self.bad_epochs < cfg.train.patience:
             order = np.random.default_rng([cfg.train.seed, self.epoch]).permutation(len(self.data.train))

@@ -24,6 +24,7 @@ def shadow_step(trainer, shared):
     """A TrainStep on the trainer's model and optimizer that only computes gradients."""
     return TrainStep.from_config(trainer.model, trainer.optimizer, trainer.cfg, shared=shared,
                                  domain_items=trainer.data.domain_items,
+                                 domain_counts=trainer.data.training_domain_counts(),
                                  compile=False, cuda_graph=False)
 
 

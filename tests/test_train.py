@@ -19,7 +19,8 @@ TINY = ["data.synthetic_users=120", "data.max_len=16", "model.hidden=32", "model
 
 @pytest.mark.parametrize("extra", [
     ["model.arch=sasrec", "objective=base"],
-    ["model.arch=sasrec", "objective=autocdsr", "train.loss=sampled", "train.num_negatives=50"],
+    ["model.arch=sasrec", "objective=autocdsr", "train.loss=sampled", "train.num_negatives=50",
+     "train.domain_balance=1.0"],
     ["model.arch=bert4rec", "objective=base", "train.loss=sampled", "train.num_negatives=20",
      "train.negatives=mixed"],
     ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=mgda", "train.loss=inbatch"],

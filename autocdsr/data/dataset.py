@@ -55,6 +55,10 @@ class SequenceData:
     def num_domains(self):
         return len(self.domain_tokens)
 
+    def training_domain_counts(self):
+        """[num_domains] int64: each domain's events in the training sequences."""
+        return np.bincount(self.train.domains, minlength=self.num_domains)
+
     def summary(self):
         """One line describing the dataset's size."""
         return (f"{self.name}: {self.num_items} items, {self.num_domains} domains "
