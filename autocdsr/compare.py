@@ -3,8 +3,8 @@ test metrics (overall and per target domain), mean +- std over the seeds of each
 each group's difference to a baseline group with a paired t-test over the seeds both have.
 
 Runs are grouped by config keys (default DEFAULT_GROUP_BY: the backbone, the objective and its
-weighting, the sampled softmax's negatives, the loss's domain weights, the scoring's history);
-runs that differ in data or protocol are refused in one table.
+weighting, the sampled softmax's negatives, the loss's domain weights, the single-domain
+views, the scoring's history); runs that differ in data or protocol are refused in one table.
 """
 import csv
 import io
@@ -20,7 +20,8 @@ from .config import Config
 DEFAULT_GROUP_BY = ("model.arch", "objective", "weighting.mode", "weighting.lam",
                     "weighting.layers", "weighting.per_domain", "weighting.gate",
                     "weighting.held_out", "weighting.shared", "train.negatives",
-                    "train.domain_balance", "train.domain_weight_max", "eval.history")
+                    "train.domain_balance", "train.domain_weight_max", "data.domain_views",
+                    "eval.history")
 # weighting variants left out of a group's label where they have their default (the official
 # step's: every layer, one L_cd, no gate, the `reached` Gram set)
 VARIANT_KEYS = {"weighting.layers": [], "weighting.per_domain": False, "weighting.gate": False,
@@ -28,7 +29,8 @@ VARIANT_KEYS = {"weighting.layers": [], "weighting.per_domain": False, "weightin
 # how a run was trained or scored beyond its objective, left out of the label where it has its
 # default (for every objective, base included)
 DEFAULTED_KEYS = {"train.negatives": "uniform", "train.domain_balance": 0.0,
-                  "train.domain_weight_max": 20.0, "eval.history": "all"}
+                  "train.domain_weight_max": 20.0, "data.domain_views": False,
+                  "eval.history": "all"}
 # Keys that must agree across every run of one table (the data and the protocol).
 SAME_FOR_ALL = ("data.path", "data.name", "data.split", "data.max_len", "data.synthetic_users",
                 "data.synthetic_spurious", "data.synthetic_mode", "data.domains", "data.target_domains",

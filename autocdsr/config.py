@@ -24,6 +24,8 @@ class DataConfig:
     max_len: int = opt(50, "the most recent events a model reads")
     mask_prob: float = opt(0.15, "BERT4Rec cloze masking")
     train_windows: bool = opt(False, "train on every max_len window of a user, not only the last")
+    domain_views: bool = opt(False, "also train on each training sequence's single-domain "
+                                    "subsequences (one per domain it mixes)")
     mask_domain: str = opt("target", "target: a [MASK] keeps its item's domain | hidden: wildcard")
     domains: List[int] = opt(list, "keep only these domains' events", factory=True)
     target_domains: List[int] = opt(list, "evaluate only these targets", factory=True)

@@ -21,7 +21,7 @@ from .data.batches import (bert4rec_train_batch, held_out_batch, sasrec_train_ba
                            to_device)
 from .data.prefetch import prefetched
 from .build import build_model, load_data, resolve_device, seed_everything
-from .data.dataset import training_windows
+from .data.dataset import training_windows, with_domain_views
 from .data.synthetic import oracle_table
 from .evaluate import (evaluate_split, format_table, model_scorer, popularity_scorer,
                        table_scorer, uses_cosine)
@@ -72,6 +72,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.data, self.oracle = (data, None) if data is not None else load_data(cfg)
         self.load_seconds = time.perf_counter() - t0
+        if cfg.data.domain_views:
+            self.data.train = with_domain_views(self.data.train)
         if cfg.data.train_windows:  # SASRec's window holds max_len inputs and one more target
             window = cfg.data.max_len + (1 if cfg.model.arch == "sasrec" else 0)
             self.data.train = training_windows(self.data.train, window)

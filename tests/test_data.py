@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autocdsr.data.batches import bert4rec_train_batch, eval_batch, sasrec_train_batch
-from autocdsr.data.dataset import build_leave_one_out, load_dataset, training_windows
+from autocdsr.data.dataset import (Sequences, build_leave_one_out, load_dataset, training_windows,
+                                    with_domain_views)
 from autocdsr.data.reader import DataError, read_inter
 from autocdsr.data.synthetic import generate
 from autocdsr.models.tokens import TokenSpec
@@ -233,3 +234,18 @@ def test_negative_mode_hints_are_exact_in_training_and_random_at_evaluation():
     assert exact > 1000 and at_eval > 50
     assert agree_at_eval / at_eval < 0.2  # random there: 1 in 16 agree by chance
     assert set(np.unique(frame["domain"])) == {0, 1, 2, 3}
+
+
+def test_domain_views_follow_the_sequences_one_per_domain_they_mix():
+    # rows: two domains interleaved; one domain only; two domains of one event each
+    items = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    domains = np.array([0, 1, 0, 1, 0, 2, 2, 0, 1])
+    seqs = Sequences(np.array([0, 5, 7, 9]), items, domains, users=np.array([10, 11, 12]))
+    views = with_domain_views(seqs)
+    rows = [views.row(r) for r in range(len(views))]
+    assert len(views) == 5
+    for r in range(3):  # the sequences themselves, unchanged, first
+        assert (rows[r][0] == seqs.row(r)[0]).all() and (rows[r][1] == seqs.row(r)[1]).all()
+    assert rows[3][0].tolist() == [1, 3, 5] and rows[3][1].tolist() == [0, 0, 0]
+    assert rows[4][0].tolist() == [2, 4] and rows[4][1].tolist() == [1, 1]
+    assert views.users.tolist() == [10, 11, 12, 10, 10]

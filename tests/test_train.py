@@ -22,7 +22,7 @@ TINY = ["data.synthetic_users=120", "data.max_len=16", "model.hidden=32", "model
     ["model.arch=sasrec", "objective=autocdsr", "train.loss=sampled", "train.num_negatives=50",
      "train.domain_balance=1.0"],
     ["model.arch=bert4rec", "objective=base", "train.loss=sampled", "train.num_negatives=20",
-     "train.negatives=mixed"],
+     "train.negatives=mixed", "data.domain_views=true", "data.train_windows=true"],
     ["model.arch=bert4rec", "objective=autocdsr", "weighting.mode=mgda", "train.loss=inbatch"],
     ["model.arch=bert4rec", "objective=autocdsr_plus", "weighting.every=2"],
     ["model.arch=sasrec", "objective=autocdsr", "weighting.mode=fixed", "weighting.lam=0.5",

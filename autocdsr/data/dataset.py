@@ -252,6 +252,30 @@ def training_windows(seqs, window):
                      users=users)
 
 
+def with_domain_views(seqs):
+    """The training sequences followed by their single-domain views: for each sequence that
+    mixes domains, its events of each domain in their order (a view under 2 events is
+    dropped). A small domain's events are scattered among the large domains' in the mixed
+    sequences; a view shows the model that domain's own sequential patterns, as a model
+    trained on the domain alone sees them (mixed plus per-domain sequences are the usual input
+    of cross-domain sequential models)."""
+    lengths = np.diff(seqs.offsets)
+    owner = np.repeat(np.arange(len(seqs)), lengths)
+    num_domains = int(seqs.domains.max()) + 1 if len(seqs.domains) else 1
+    group = owner * num_domains + seqs.domains
+    order = np.argsort(group, kind="stable")  # by sequence, then domain, time kept within
+    sizes = np.bincount(group, minlength=len(seqs) * num_domains)
+    domains_per_row = (sizes.reshape(len(seqs), num_domains) > 0).sum(1)
+    keep_group = (sizes >= 2) & np.repeat(domains_per_row >= 2, num_domains)
+    order = order[keep_group[group[order]]]
+    views = np.bincount(group[order], minlength=len(sizes))[keep_group]
+    offsets = np.r_[seqs.offsets, seqs.offsets[-1] + np.cumsum(views)]
+    users = None if seqs.users is None else np.r_[
+        seqs.users, np.repeat(seqs.users, keep_group.reshape(len(seqs), num_domains).sum(1))]
+    return Sequences(offsets, np.r_[seqs.items, seqs.items[order]],
+                     np.r_[seqs.domains, seqs.domains[order]], users=users)
+
+
 def select_rows(seqs, rows):
     """A new Sequences with the given rows (targets and users carried along)."""
     lengths = np.diff(seqs.offsets)[rows]
