@@ -268,10 +268,10 @@ def with_domain_views(seqs):
     domains_per_row = (sizes.reshape(len(seqs), num_domains) > 0).sum(1)
     keep_group = (sizes >= 2) & np.repeat(domains_per_row >= 2, num_domains)
     order = order[keep_group[group[order]]]
-    views = np.bincount(group[order], minlength=len(sizes))[keep_group]
-    offsets = np.r_[seqs.offsets, seqs.offsets[-1] + np.cumsum(views)]
-    users = None if seqs.users is None else np.r_[
-        seqs.users, np.repeat(seqs.users, keep_group.reshape(len(seqs), num_domains).sum(1))]
+    offsets = np.r_[seqs.offsets, seqs.offsets[-1] + np.cumsum(sizes[keep_group])]
+    views_per_row = keep_group.reshape(len(seqs), num_domains).sum(1)
+    users = None if seqs.users is None else np.r_[seqs.users,
+                                                   np.repeat(seqs.users, views_per_row)]
     return Sequences(offsets, np.r_[seqs.items, seqs.items[order]],
                      np.r_[seqs.domains, seqs.domains[order]], users=users)
 
