@@ -51,12 +51,12 @@ VARIANTS = {
     "sasrec/per_domain": ["model.arch=sasrec", "objective=autocdsr", "weighting.per_domain=true"],
     "sasrec/per_domain_gate": ["model.arch=sasrec", "objective=autocdsr",
                                "weighting.per_domain=true", "weighting.gate=true"],
-    # the one-layer Gram set with one combined backward (the cheap step)
     "sasrec/held_out": ["model.arch=sasrec", "objective=autocdsr", "weighting.held_out=true"],
     "sasrec/per_domain_held_out": ["model.arch=sasrec", "objective=autocdsr",
                                    "weighting.per_domain=true", "weighting.held_out=true"],
     "sasrec/layers0_per_domain": ["model.arch=sasrec", "objective=autocdsr", "weighting.layers=[0]",
                                   "weighting.per_domain=true"],
+    # the one-layer Gram set with one combined backward (the cheap step)
     "sasrec/autocdsr_last_layer": ["model.arch=sasrec", "objective=autocdsr", "weighting.shared=last_layer"],
     "sasrec/layers0_last_layer": ["model.arch=sasrec", "objective=autocdsr", "weighting.layers=[0]",
                                   "weighting.shared=last_layer"],
